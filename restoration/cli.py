@@ -1,0 +1,153 @@
+"""The `restoration` command.
+
+    restoration ingest SRC DEST        images (folder, S3 prefix, Fashion-MNIST idx) -> Parquet shards
+    restoration restore IN OUT ...     restore images in bulk on Ray Data -> Parquet
+    restoration demo                   the main job end to end on embedded defaults
+    restoration s3-server              run the embedded S3 server for local development
+
+Bad arguments and unusable inputs end with one line on stderr (`restoration: error: ...`) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from restoration import __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an argument error is one line (no usage block) and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class UsageError(ValueError):
+    """A bad value the user gave; reported as one line with exit code 2."""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="restoration",
+        description="Distributed batch image restoration and synthesis on Ray.",
+        epilog="Storage URIs are local paths or s3://bucket/prefix; S3 settings come from AWS_ENDPOINT_URL, "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION. Ray: RAY_ADDRESS, or a local cluster when unset.",
+    )
+    parser.add_argument("--version", action="version", version=f"restoration {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("ingest", help="write images as Parquet input shards", description=_doc("ingest"))
+    p.add_argument("src", help="folder or S3 prefix of images, or the Fashion-MNIST idx folder")
+    p.add_argument("dest", help="folder or S3 prefix for the shards")
+    p.add_argument("--shard-mb", type=_positive_float, default=128.0, help="image MiB per shard (default 128)")
+    p.add_argument("--split", choices=["train", "test"], default="train", help="idx sources: which split")
+    p.add_argument("--executor", choices=["auto", "local", "ray"], default="auto", help="where shards are built")
+    p.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse larger images (default 100 MP)")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("demo", help="run the main job on embedded defaults", description=_doc("demo"))
+    p.add_argument("--out", default=None, help="local folder for the demo outputs (default ./demo-output)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("s3-server", help="run the embedded S3 server (SeaweedFS) until interrupted")
+    p.add_argument("--data-dir", default=None, help="keep the data here (default: a temporary folder)")
+    p.add_argument("--port", type=_positive_int, default=None, help="S3 port (default: a free one)")
+    p.add_argument("--bucket", default="restoration", help="bucket to create (default: restoration)")
+    p.set_defaults(func=_cmd_s3_server)
+    return parser
+
+
+def _doc(command: str) -> str:
+    return {
+        "ingest": "Write images as Parquet input shards (key, image bytes, width, height[, label]). Inputs that are "
+        "not readable images are listed at the end and in DEST/_errors.parquet.",
+        "demo": "Start an embedded S3 server, ingest the sample photos that ship with scikit-image and scikit-learn "
+        "into Parquet shards on it, and print what was written.",
+    }[command]
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from restoration import codec
+    from restoration.data import ingest
+
+    report = ingest(
+        args.src,
+        args.dest,
+        shard_mb=args.shard_mb,
+        split=args.split,
+        executor=args.executor,
+        max_pixels=args.max_pixels or codec.DEFAULT_MAX_PIXELS,
+    )
+    for key, reason in report.errors:
+        print(f"error: {key}: {reason}")
+    print(report.summary())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from restoration.demo import run_demo
+
+    run_demo(out=args.out)
+    return 0
+
+
+def _cmd_s3_server(args: argparse.Namespace) -> int:
+    from restoration.s3server import EmbeddedS3
+
+    server = EmbeddedS3(data_dir=args.data_dir, port=args.port, bucket=args.bucket)
+    with server:
+        print("embedded S3 is up; point clients at it with:")
+        for name, value in server.env.items():
+            print(f"export {name}={value}")
+        print(f"bucket: s3://{server.bucket}   (Ctrl-C stops it)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopping", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from restoration.storage import StorageError, redact
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, StorageError, ValueError, FileNotFoundError) as e:
+        # Errors the user can act on: one line, no traceback. Anything else is a bug and keeps its traceback.
+        print(f"restoration: error: {redact(str(e)).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("restoration: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Input shards: the ingest writer, and the Ray Data readers the pipelines and trainers use.
+
+Shard contract (any Parquet with these columns is accepted as input):
+    key: string (unique, stable), image: binary (encoded PNG/JPEG/...), width: int32, height: int32,
+    label: int32 (labelled sources only), reference: binary (optional clean image for paired evaluation).
+
+Ingest writes `DEST/part-00000.parquet, part-00001.parquet, ...` (each at most about `shard_mb`), then
+`DEST/_errors.parquet` (key, reason) when some inputs were not readable images, then `DEST/_manifest.json` last.
+A shard is built in memory and written with one PUT, so a reader never sees half a shard; the plan depends only on the
+sorted source listing, so re-ingesting the same source rewrites byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from restoration import codec, sources, storage
+
+SHARD_SCHEMA = pa.schema(
+    [("key", pa.string()), ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32())]
+)
+LABELLED_SCHEMA = SHARD_SCHEMA.append(pa.field("label", pa.int32()))
+ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string())])
+_IDX_RECORD_BYTES = 28 * 28 + 100  # an upper bound for one Fashion-MNIST PNG, used to size idx shards
+_AUTO_RAY_SHARDS = 4  # below this many shards, ingest runs in-process: starting Ray would cost more than it saves
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What goes into one shard: file items (folder/S3 sources) or an index range (idx sources)."""
+
+    index: int
+    items: tuple[sources.FileItem, ...] = ()
+    start: int = 0
+    stop: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}.parquet"
+
+
+@dataclass
+class IngestReport:
+    source: str
+    dest: str
+    rows: int = 0
+    bytes: int = 0
+    shards: list[dict] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    executor: str = "local"
+
+    def summary(self) -> str:
+        rate = self.rows / self.seconds if self.seconds else 0.0
+        mb_rate = self.bytes / 2**20 / self.seconds if self.seconds else 0.0
+        return (
+            f"ingested {self.rows} images ({self.bytes / 2**20:.1f} MiB) into {len(self.shards)} shards at "
+            f"{self.dest} in {self.seconds:.1f} s ({rate:.0f} images/s, {mb_rate:.1f} MiB/s); "
+            f"{len(self.errors)} errors"
+        )
+
+
+def plan_ingest(src: str, shard_mb: float, split: str = "train") -> tuple[list[ShardPlan], bool]:
+    """Split a source into shards of at most `shard_mb` MiB of image bytes.
+
+    Returns:
+        (plans, labelled): the shard plans in order, and whether rows carry labels.
+    """
+    if shard_mb <= 0:
+        raise ValueError(f"--shard-mb must be > 0, got {shard_mb}")
+    limit = shard_mb * 2**20
+    if sources.is_idx_folder(src):
+        if split not in ("train", "test"):
+            raise ValueError(f"--split must be 'train' or 'test' for an idx source, got {split!r}")
+        count = sources.IdxSource(src, split).count()
+        per_shard = max(1, int(limit // _IDX_RECORD_BYTES))
+        plans = [ShardPlan(i, start=s, stop=min(s + per_shard, count)) for i, s in enumerate(range(0, count, per_shard))]
+        return plans, True
+    plans, current, size = [], [], 0
+    for item in sources.list_folder(src):
+        if current and size + item.size > limit:
+            plans.append(ShardPlan(len(plans), items=tuple(current)))
+            current, size = [], 0
+        current.append(item)
+        size += item.size
+    if current:
+        plans.append(ShardPlan(len(plans), items=tuple(current)))
+    return plans, False
+
+
+def build_shard(
+    src: str, plan: ShardPlan, split: str = "train", max_pixels: int = codec.DEFAULT_MAX_PIXELS
+) -> tuple[pa.Table, list[tuple[str, str]]]:
+    """Read and check every input of one shard plan.
+
+    Returns:
+        (table, errors): the rows that are readable images (original bytes, untouched), and `(key, reason)` for the rest.
+    """
+    if plan.items:
+        fs, _ = storage.resolve(src)
+        keys, images, widths, heights, errors = [], [], [], [], []
+        for item in plan.items:
+            try:
+                with fs.open_input_stream(item.path) as f:
+                    data = f.read()
+            except OSError as e:
+                errors.append((item.key, f"read: {storage.redact(str(e))[:200]}"))
+                continue
+            try:
+                decoded = codec.decode(data, max_pixels=max_pixels)
+            except codec.DecodeError as e:
+                errors.append((item.key, f"decode: {e}"))
+                continue
+            keys.append(item.key)
+            images.append(data)
+            widths.append(decoded.width)
+            heights.append(decoded.height)
+        table = pa.table([keys, images, widths, heights], schema=SHARD_SCHEMA)
+        return table, errors
+    rows = sources.idx_records(sources.IdxSource(src, split), plan.start, plan.stop)
+    keys, images, labels, widths, heights = (list(col) for col in zip(*rows, strict=True)) if rows else ([],) * 5
+    table = pa.table([keys, images, widths, heights, labels], schema=LABELLED_SCHEMA)
+    return table, []
+
+
+def table_to_parquet(table: pa.Table) -> bytes:
+    """Serialise a table as one Parquet file in memory. Image bytes are already compressed: store them as they are."""
+    buf = io.BytesIO()
+    compression = {name: ("NONE" if name in ("image", "reference") else "ZSTD") for name in table.column_names}
+    pq.write_table(table, buf, compression=compression, row_group_size=1024)
+    return buf.getvalue()
+
+
+def write_shard(src: str, dest: str, plan: ShardPlan, split: str, max_pixels: int) -> dict:
+    """Build one shard and PUT it under `dest`. Returns its stats (name, rows, bytes, errors)."""
+    table, errors = build_shard(src, plan, split, max_pixels)
+    if table.num_rows:
+        storage.write_bytes(storage.join(dest, plan.name), table_to_parquet(table))
+    image_bytes = sum(len(b) for b in table.column("image").to_pylist()) if table.num_rows else 0
+    return {"name": plan.name, "rows": table.num_rows, "bytes": image_bytes, "errors": errors}
+
+
+def ingest(
+    src: str,
+    dest: str,
+    shard_mb: float = 128.0,
+    split: str = "train",
+    executor: str = "auto",
+    max_pixels: int = codec.DEFAULT_MAX_PIXELS,
+) -> IngestReport:
+    """Write the images of `src` as input shards under `dest`.
+
+    Args:
+        src: a local folder, an S3 prefix of image objects, or an idx folder (Fashion-MNIST).
+        dest: local folder or S3 prefix for the shards.
+        shard_mb: upper bound of image bytes per shard, in MiB.
+        split: for idx sources, "train" or "test".
+        executor: "local" (in this process), "ray" (one Ray Data task per shard, for large sources), or "auto".
+        max_pixels: images larger than this are reported as errors, never decoded.
+
+    Returns:
+        An IngestReport; bad inputs are in `.errors` and in `dest/_errors.parquet`, never dropped silently.
+    """
+    if executor not in ("auto", "local", "ray"):
+        raise ValueError(f"--executor must be auto, local or ray, got {executor!r}")
+    t0 = time.perf_counter()
+    plans, _ = plan_ingest(src, shard_mb, split)
+    if not plans:
+        raise storage.StorageError(f"no files found under {src}")
+    storage.ensure_bucket(dest)
+    use_ray = executor == "ray" or (executor == "auto" and len(plans) >= _AUTO_RAY_SHARDS)
+    report = IngestReport(source=src, dest=dest, executor="ray" if use_ray else "local")
+    stats = _run_ray(src, dest, plans, split, max_pixels) if use_ray else _run_local(src, dest, plans, split, max_pixels)
+    for s in sorted(stats, key=lambda s: s["name"]):
+        report.rows += s["rows"]
+        report.bytes += s["bytes"]
+        report.errors.extend(s["errors"])
+        if s["rows"]:
+            report.shards.append({"name": s["name"], "rows": s["rows"], "bytes": s["bytes"]})
+    _remove_stale(dest, keep={s["name"] for s in report.shards})
+    if report.errors:
+        errors = pa.table([[k for k, _ in report.errors], [r for _, r in report.errors]], schema=ERRORS_SCHEMA)
+        storage.write_bytes(storage.join(dest, "_errors.parquet"), table_to_parquet(errors))
+    report.seconds = time.perf_counter() - t0
+    manifest = {k: v for k, v in asdict(report).items() if k != "errors"}
+    manifest.update(errors=len(report.errors), shard_mb=shard_mb, split=split if sources.is_idx_folder(src) else None)
+    storage.write_bytes(storage.join(dest, "_manifest.json"), json.dumps(manifest, indent=2).encode())
+    return report
+
+
+def _run_local(src, dest, plans, split, max_pixels) -> Iterator[dict]:
+    for plan in plans:
+        yield write_shard(src, dest, plan, split, max_pixels)
+
+
+def _run_ray(src, dest, plans, split, max_pixels) -> Iterator[dict]:
+    """One Ray Data row per shard plan; each task reads its inputs, writes its shard, and returns only small stats."""
+    import ray
+
+    from restoration.cluster import init_ray
+
+    init_ray()
+    by_index = {p.index: p for p in plans}
+
+    def run(row: dict) -> dict:
+        s = write_shard(src, dest, by_index[row["index"]], split, max_pixels)
+        return {"name": s["name"], "rows": s["rows"], "bytes": s["bytes"], "errors": json.dumps(s["errors"])}
+
+    ds = ray.data.from_items([{"index": p.index} for p in plans], override_num_blocks=len(plans))
+    for row in ds.map(run).iter_rows():
+        yield {**row, "errors": [tuple(e) for e in json.loads(row["errors"])]}
+
+
+def _remove_stale(dest: str, keep: set[str]) -> None:
+    """Delete shards and an error list that an earlier ingest left behind, so `dest` holds exactly this ingest."""
+    fs, _ = storage.resolve(dest)
+    for info in storage.list_files(dest, recursive=False):
+        name = posixpath.basename(info.path)
+        stale_shard = name.startswith("part-") and name.endswith(".parquet") and name not in keep
+        if stale_shard or name == "_errors.parquet":
+            fs.delete_file(info.path)
+
+
+def shard_files(uri: str) -> list[str]:
+    """The Parquet files of a shard folder, on the filesystem of `storage.resolve(uri)`, markers excluded."""
+    fs, root = storage.resolve(uri)
+    if fs.get_file_info(root).type.name == "File":
+        return [root]
+    files = [
+        i.path
+        for i in storage.list_files(uri)
+        if i.path.endswith(".parquet") and not posixpath.basename(i.path).startswith(("_", "."))
+    ]
+    if not files:
+        raise storage.StorageError(f"no Parquet shards under {uri}")
+    return files
