@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse larger images (default 100 MP)")
     p.set_defaults(func=_cmd_ingest)
 
+    p = sub.add_parser("restore", help="restore images in bulk on Ray Data -> Parquet", description=_doc("restore"))
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_restore_arguments(p)
+    p.set_defaults(func=_cmd_restore)
+
     p = sub.add_parser("demo", help="run the main job on embedded defaults", description=_doc("demo"))
     p.add_argument("--out", default=None, help="local folder for the demo outputs (default ./demo-output)")
     p.set_defaults(func=_cmd_demo)
@@ -81,7 +86,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_restore_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `restoration restore` (shared with jobs/restore.py)."""
+    p.add_argument("input", help="input shards (Parquet: key, image[, reference]) or a prefix of image files")
+    p.add_argument("output", help="output folder or S3 prefix; the run writes OUTPUT/run_id=<id>/")
+    p.add_argument("--model", default="denoise-gray", help="bundled model name, model file path or s3:// URI")
+    p.add_argument("--degrade", default=None, metavar="SPEC", help="degrade inputs first (evaluation); grammar above")
+    p.add_argument("--seed", type=int, default=0, help="run seed for --degrade (per image: seed + key)")
+    p.add_argument("--run-id", default=None, help="name of the run (default: UTC time + random suffix)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run: skip keys already written")
+    p.add_argument("--workers", type=_positive_int, default=None, help="restorer actors (default: from resources)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch (default 8)")
+    p.add_argument("--tile", type=_positive_int, default=512, help="tile side for large images (default 512)")
+    p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="use GPUs (default: if any)")
+    p.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse larger images (default 100 MP)")
+
+
+def restore_config(args: argparse.Namespace):
+    from restoration import codec
+    from restoration.pipelines.restore import RestoreConfig
+
+    return RestoreConfig(
+        input=args.input,
+        output=args.output,
+        model=args.model,
+        degrade=args.degrade,
+        seed=args.seed,
+        run_id=args.run_id,
+        resume=args.resume,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        tile=args.tile,
+        overlap=args.overlap,
+        gpu=args.gpu,
+        max_pixels=args.max_pixels or codec.DEFAULT_MAX_PIXELS,
+    )
+
+
 def _doc(command: str) -> str:
+    if command == "restore":
+        from restoration.degrade import SPEC_HELP
+
+        return (
+            "Restore images in bulk: read input shards (or image files), optionally degrade them (then PSNR/SSIM "
+            "are measured against the clean image), run a pool of restorer actors, and write one Parquet row per "
+            "input row (errors included) under OUTPUT/run_id=<id>/, then _manifest.json.\n\n" + SPEC_HELP
+        )
     return {
         "ingest": "Write images as Parquet input shards (key, image bytes, width, height[, label]). Inputs that are "
         "not readable images are listed at the end and in DEST/_errors.parquet.",
@@ -104,6 +155,14 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     )
     for key, reason in report.errors:
         print(f"error: {key}: {reason}")
+    print(report.summary())
+    return 0
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from restoration.pipelines.restore import run_restore
+
+    report = run_restore(restore_config(args))
     print(report.summary())
     return 0
 

@@ -24,9 +24,7 @@ import pyarrow.parquet as pq
 
 from restoration import codec, sources, storage
 
-SHARD_SCHEMA = pa.schema(
-    [("key", pa.string()), ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32())]
-)
+SHARD_SCHEMA = pa.schema([("key", pa.string()), ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32())])
 LABELLED_SCHEMA = SHARD_SCHEMA.append(pa.field("label", pa.int32()))
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string())])
 _IDX_RECORD_BYTES = 28 * 28 + 100  # an upper bound for one Fashion-MNIST PNG, used to size idx shards
@@ -82,7 +80,9 @@ def plan_ingest(src: str, shard_mb: float, split: str = "train") -> tuple[list[S
             raise ValueError(f"--split must be 'train' or 'test' for an idx source, got {split!r}")
         count = sources.IdxSource(src, split).count()
         per_shard = max(1, int(limit // _IDX_RECORD_BYTES))
-        plans = [ShardPlan(i, start=s, stop=min(s + per_shard, count)) for i, s in enumerate(range(0, count, per_shard))]
+        plans = [
+            ShardPlan(i, start=s, stop=min(s + per_shard, count)) for i, s in enumerate(range(0, count, per_shard))
+        ]
         return plans, True
     plans, current, size = [], [], 0
     for item in sources.list_folder(src):
@@ -178,7 +178,9 @@ def ingest(
     storage.ensure_bucket(dest)
     use_ray = executor == "ray" or (executor == "auto" and len(plans) >= _AUTO_RAY_SHARDS)
     report = IngestReport(source=src, dest=dest, executor="ray" if use_ray else "local")
-    stats = _run_ray(src, dest, plans, split, max_pixels) if use_ray else _run_local(src, dest, plans, split, max_pixels)
+    stats = (
+        _run_ray(src, dest, plans, split, max_pixels) if use_ray else _run_local(src, dest, plans, split, max_pixels)
+    )
     for s in sorted(stats, key=lambda s: s["name"]):
         report.rows += s["rows"]
         report.bytes += s["bytes"]

@@ -69,7 +69,12 @@ def train400(tmp_path_factory) -> Path:
     path = SHARED_DATASETS / "Train400"
     if path.is_dir():
         return path
-    return _fallback_gray(tmp_path_factory.mktemp("train400"), 180, 400, ("camera", "astronaut", "coffee", "chelsea", "rocket", "page", "text"))
+    return _fallback_gray(
+        tmp_path_factory.mktemp("train400"),
+        180,
+        400,
+        ("camera", "astronaut", "coffee", "chelsea", "rocket", "page", "text"),
+    )
 
 
 @pytest.fixture(scope="session")

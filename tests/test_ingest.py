@@ -51,7 +51,9 @@ def test_ingest_train400_is_complete_byte_identical_and_stable(s3, train400):
     assert manifest["rows"] == len(files) and manifest["errors"] == 0
 
 
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="needs the Debian package dataset-fashion-mnist (make test installs it)")
+@pytest.mark.skipif(
+    not FMNIST.is_dir(), reason="needs the Debian package dataset-fashion-mnist (make test installs it)"
+)
 def test_ingest_fashion_mnist_test_split_with_labels_through_ray(s3, ray_cluster):
     uri = s3.uri("ingest", "fmnist-test")
     report = data.ingest(str(FMNIST), uri, split="test", shard_mb=1, executor="ray")

@@ -1,0 +1,13 @@
+"""Write images as Parquet input shards from a Ray cluster.
+
+    ray job submit --working-dir . -- python jobs/ingest.py s3://bucket/raw-images s3://bucket/shards
+
+Same options as `restoration ingest`; exits non-zero with the reason on failure.
+"""
+
+import sys
+
+from restoration.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["ingest", *sys.argv[1:]]))

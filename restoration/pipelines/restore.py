@@ -1,0 +1,527 @@
+"""The restore pipeline: input shards (or raw image objects) → decode → [degrade] → restorer actors → encode → Parquet.
+
+    read → map_batches(decode_batch) → map_batches(Restorer actors, batched by shape) → map_batches(encode_batch)
+         → write_parquet(OUT/run_id=<id>/) → _manifest.json
+
+Every stage takes and returns Arrow tables with an explicit schema, so a row that fails anywhere becomes a row with
+`error = "<stage>: <reason>"` and flows on: rows out = rows in. The stages are pure functions over tables (tested
+without Ray); only `run_restore` knows about Ray.
+
+Gray models on colour input restore each channel as a gray image (noise and JPEG damage are per channel, so this
+keeps all of the model's gain; the correlation between channels is what a colour model adds). Colour models on gray
+input see the gray channel replicated three times and their output is averaged back to one channel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from restoration import codec, degrade, metrics, storage
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+
+# Between stages a row carries its pixels as raw float32 bytes (H, W, C) — Arrow binary, no pickling, no copies
+# beyond the one into the numpy view.
+STAGE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("pixels", pa.binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("channels", pa.int32()),
+        ("alpha", pa.binary()),  # raw uint8/uint16 (H, W), null when the image has none
+        ("bit_depth", pa.int32()),
+        ("source_mode", pa.string()),
+        ("reference", pa.binary()),  # float32 (H, W, C) clean image, null when there is none
+        ("degradation", pa.string()),
+        ("input_psnr", pa.float64()),
+        ("elapsed_ms", pa.float64()),
+        ("error", pa.string()),
+    ]
+)
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("image", pa.binary()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mode", pa.string()),
+        ("model", pa.string()),
+        ("model_sha256", pa.string()),
+        ("degradation", pa.string()),
+        ("psnr", pa.float64()),
+        ("ssim", pa.float64()),
+        ("input_psnr", pa.float64()),
+        ("elapsed_ms", pa.float64()),
+        ("run_id", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    """Everything a restore run depends on; written into its manifest."""
+
+    input: str
+    output: str
+    model: str = "denoise-gray"
+    degrade: str | None = None  # spec applied before restoring (evaluation): the clean image becomes the reference
+    seed: int = 0  # run seed; an image's degradation seed is derived from (seed, key)
+    run_id: str | None = None
+    resume: bool = False
+    workers: int | None = None  # restorer actors; default: one per GPU, else one per 2 CPUs
+    batch_size: int = 8
+    tile: int = 512
+    overlap: int = 32
+    gpu: bool | None = None  # None: use GPUs when the cluster has them
+    max_pixels: int = codec.DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.degrade:
+            degrade.parse_spec(self.degrade)  # fail before any work on a bad spec
+        for name in ("batch_size", "tile"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.workers is not None and self.workers <= 0:
+            raise ValueError(f"--workers must be > 0, got {self.workers}")
+        if self.overlap < 0 or self.tile <= 2 * self.overlap:
+            raise ValueError(f"--tile must be > 2 × --overlap, got tile {self.tile} and overlap {self.overlap}")
+        if self.run_id is not None and (not self.run_id or "/" in self.run_id or self.run_id.startswith(".")):
+            raise ValueError(f"--run-id must be a plain name (no '/', not starting with '.'), got {self.run_id!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------- models
+def model_source(name_or_path: str) -> str:
+    """Resolve `--model`: a bundled model name (restoration/weights/<name>.pt), a local file, or an s3:// URI."""
+    bundled = WEIGHTS_DIR / f"{name_or_path}.pt"
+    if "/" not in name_or_path and bundled.is_file():
+        return str(bundled)
+    if storage.is_s3(name_or_path) or Path(name_or_path).is_file():
+        return name_or_path
+    names = sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
+    raise ValueError(
+        f"model {name_or_path!r} not found: expected a model file path, an s3:// URI, or a bundled name "
+        f"({', '.join(names) or 'none bundled'})"
+    )
+
+
+def load_restorer(name_or_path: str):
+    """Load a restorer model file by name, path or URI (never executing pickled code)."""
+    from restoration.checkpoint import load_model
+
+    source = model_source(name_or_path)
+    payload = storage.read_bytes(source) if storage.is_s3(source) else source
+    return load_model(payload, expected_kind="restorer")
+
+
+# ----------------------------------------------------------------------------------------------------------- stages
+def _float_view(buf: bytes, h: int, w: int, c: int) -> np.ndarray:
+    return np.frombuffer(buf, dtype=np.float32).reshape(h, w, c)
+
+
+def _error_row(key: str, error: str, elapsed_ms: float = 0.0) -> dict:
+    return {"key": key, "error": error, "elapsed_ms": elapsed_ms}
+
+
+def decode_batch(
+    batch: pa.Table, degradation: str | None = None, seed: int = 0, max_pixels: int = codec.DEFAULT_MAX_PIXELS
+) -> pa.Table:
+    """Decode (and, for evaluation, degrade) a batch of input rows.
+
+    Args:
+        batch: rows with `key`, `image` (encoded bytes) and optionally `reference` (encoded clean image).
+        degradation: spec applied to each decoded image, seeded by (seed, key); the clean image becomes the reference.
+
+    Returns:
+        A STAGE_SCHEMA table, one row per input row (failures carry `error = "decode: ..."`).
+    """
+    steps = degrade.parse_spec(degradation) if degradation else ()
+    spec_text = degrade.format_spec(steps) if steps else None
+    keys = batch.column("key").to_pylist()
+    images = batch.column("image").to_pylist()
+    refs = batch.column("reference").to_pylist() if "reference" in batch.column_names else [None] * len(keys)
+    rows = []
+    for key, data, ref in zip(keys, images, refs, strict=True):
+        t0 = time.perf_counter()
+        try:
+            decoded = codec.decode(data or b"", max_pixels=max_pixels)
+        except codec.DecodeError as e:
+            rows.append(_error_row(key, f"decode: {e}", 1e3 * (time.perf_counter() - t0)))
+            continue
+        pixels, reference = decoded.pixels, None
+        try:
+            if ref is not None:
+                reference = codec.decode(ref, max_pixels=max_pixels).pixels
+                if reference.shape != pixels.shape:
+                    raise codec.DecodeError(f"reference shape {reference.shape} differs from image {pixels.shape}")
+            if steps:
+                reference = pixels
+                pixels = degrade.apply(pixels, steps, degrade.rng_for(seed, key)).astype(np.float32, copy=False)
+        except (codec.DecodeError, ValueError) as e:
+            rows.append(_error_row(key, f"reference: {e}" if not steps else f"degrade: {e}"))
+            continue
+        h, w, c = pixels.shape
+        rows.append(
+            {
+                "key": key,
+                "pixels": np.ascontiguousarray(pixels, dtype=np.float32).tobytes(),
+                "height": h,
+                "width": w,
+                "channels": c,
+                "alpha": decoded.alpha.tobytes() if decoded.alpha is not None else None,
+                "bit_depth": decoded.bit_depth,
+                "source_mode": decoded.mode,
+                "reference": reference.astype(np.float32, copy=False).tobytes() if reference is not None else None,
+                "degradation": spec_text,
+                "input_psnr": metrics.psnr(pixels, reference) if reference is not None else None,
+                "elapsed_ms": 1e3 * (time.perf_counter() - t0),
+                "error": None,
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
+
+
+class RestoreActor:
+    """Holds one restorer on its device and restores batches: same-shape images run as one tensor batch, images
+    larger than the tile run tile by tile. Loads the model once, in `__init__`."""
+
+    def __init__(self, model: str, tile: int = 512, overlap: int = 32, threads: int | None = None) -> None:
+        import torch
+
+        from restoration.device import default_device
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.loaded = load_restorer(model)
+        self.device = default_device()
+        net = self.loaded.module
+        if hasattr(net, "fold_batch_norm"):
+            net.fold_batch_norm()
+        self.net = net.to(self.device).eval()
+        self.channels = self.loaded.config.channels
+        self.tile, self.overlap = tile, overlap
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        rows = batch.to_pylist()
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, row in enumerate(rows):
+            if row["error"] is None:
+                groups.setdefault((row["height"], row["width"], row["channels"]), []).append(i)
+        for (h, w, c), idx in groups.items():
+            t0 = time.perf_counter()
+            try:
+                stack = np.stack([_float_view(rows[i]["pixels"], h, w, c) for i in idx])  # (N, H, W, C)
+                with torch.inference_mode():
+                    out = self.restore_array(stack)  # (N, H, W, C)
+                per_row_ms = 1e3 * (time.perf_counter() - t0) / len(idx)
+                for j, i in enumerate(idx):
+                    rows[i]["pixels"] = np.ascontiguousarray(out[j], dtype=np.float32).tobytes()
+                    rows[i]["elapsed_ms"] += per_row_ms
+            except Exception as e:  # one bad group must not take the batch down: its rows become error rows
+                for i in idx:
+                    rows[i].update(pixels=None, error=f"restore: {type(e).__name__}: {str(e)[:200]}")
+        return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
+
+    def restore_array(self, images: np.ndarray) -> np.ndarray:
+        """Restore (N, H, W, C) float images with the model, adapting channels (see the module docstring)."""
+        import torch
+
+        n, h, w, c = images.shape
+        x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # (N, C, H, W)
+        if self.channels == 1 and c == 3:
+            x = x.reshape(n * 3, 1, h, w)  # every channel as a gray image
+        elif self.channels == 3 and c == 1:
+            x = x.expand(n, 3, h, w)
+        x = x.to(self.device, non_blocking=True)
+        y = self._run(x)
+        if self.channels == 1 and c == 3:
+            y = y.reshape(n, 3, h, w)
+        elif self.channels == 3 and c == 1:
+            y = y.mean(dim=1, keepdim=True)
+        return y.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+    def _run(self, x):
+        import torch
+
+        from restoration.tiling import tiled_apply
+
+        tile = self.tile
+        while True:
+            try:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                    return tiled_apply(self.net, x, tile=tile, overlap=self.overlap)
+            except torch.cuda.OutOfMemoryError:
+                # On a GPU, retry with smaller tiles rather than failing the image.
+                torch.cuda.empty_cache()
+                if tile // 2 <= 2 * self.overlap:
+                    raise
+                tile //= 2
+
+
+def _png_mode(channels: int, has_alpha: bool, bit_depth: int) -> str:
+    if channels == 1:
+        return "LA" if has_alpha else ("I;16" if bit_depth == 16 else "L")
+    return "RGBA" if has_alpha else "RGB"
+
+
+def encode_batch(batch: pa.Table, model: str, model_sha256: str, run_id: str) -> pa.Table:
+    """Encode restored rows as PNG (alpha re-attached, 16-bit kept), with PSNR/SSIM against the reference.
+
+    Returns:
+        An OUTPUT_SCHEMA table, one row per input row.
+    """
+    out = []
+    for row in batch.to_pylist():
+        t0 = time.perf_counter()
+        result = {
+            "key": row["key"],
+            "model": model,
+            "model_sha256": model_sha256,
+            "degradation": row["degradation"],
+            "input_psnr": row["input_psnr"],
+            "run_id": run_id,
+            "error": row["error"],
+        }
+        if row["error"] is None:
+            try:
+                h, w, c = row["height"], row["width"], row["channels"]
+                restored = _float_view(row["pixels"], h, w, c)
+                alpha = None
+                if row["alpha"] is not None:
+                    dtype = np.uint16 if len(row["alpha"]) == 2 * h * w else np.uint8
+                    alpha = np.frombuffer(row["alpha"], dtype=dtype).reshape(h, w)
+                png = codec.encode_png(restored, alpha=alpha, bit_depth=row["bit_depth"])
+                result.update(image=png, width=w, height=h, mode=_png_mode(c, alpha is not None, row["bit_depth"]))
+                if row["reference"] is not None:
+                    reference = _float_view(row["reference"], h, w, c)
+                    # SSIM's 11×11 window needs an image at least that large; smaller ones get PSNR only.
+                    small = min(h, w) < 11
+                    result.update(
+                        psnr=metrics.psnr(restored, reference),
+                        ssim=None if small else metrics.ssim(restored, reference),
+                    )
+            except Exception as e:  # noqa: BLE001 - becomes the row's error
+                result.update(image=None, error=f"encode: {type(e).__name__}: {str(e)[:200]}")
+        result["elapsed_ms"] = (row["elapsed_ms"] or 0.0) + 1e3 * (time.perf_counter() - t0)
+        out.append(result)
+    return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+
+# ----------------------------------------------------------------------------------------------------------- runs
+@dataclass
+class RestoreReport:
+    run_id: str
+    output: str
+    rows_in: int
+    rows_out: int
+    ok: int
+    errors: int
+    errors_by_stage: dict[str, int]
+    skipped_resumed: int
+    seconds: float
+    images_per_s: float
+    megapixels_per_s: float
+    mean_psnr: float | None = None
+    mean_ssim: float | None = None
+    mean_input_psnr: float | None = None
+    model: str = ""
+    model_sha256: str = ""
+    config: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        text = (
+            f"restored {self.ok} ok, {self.errors} errors of {self.rows_in} rows in {self.seconds:.1f} s "
+            f"({self.images_per_s:.2f} images/s, {self.megapixels_per_s:.3f} MP/s) -> {self.output}"
+        )
+        if self.mean_psnr is not None and self.mean_input_psnr is not None:
+            gain = self.mean_psnr - self.mean_input_psnr
+            text += f"; PSNR {self.mean_input_psnr:.2f} -> {self.mean_psnr:.2f} dB ({gain:+.2f} dB)"
+        return text
+
+
+def run_dir(output: str, run_id: str) -> str:
+    return storage.join(output, f"run_id={run_id}")
+
+
+def default_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def input_files(uri: str) -> tuple[str, list[str]]:
+    """What `uri` holds: ("parquet", files) for input shards, or ("images", files) for raw image objects."""
+    fs, root = storage.resolve(uri)
+    info = fs.get_file_info(root)
+    if info.type.name == "NotFound":
+        raise storage.StorageError(f"input not found: {uri}")
+    if info.type.name == "File":
+        return ("parquet" if root.endswith(".parquet") else "images"), [root]
+    files = [
+        i.path
+        for i in storage.list_files(uri)
+        if not any(p.startswith((".", "_")) for p in posixpath.relpath(i.path, root).split("/"))
+    ]
+    if not files:
+        raise storage.StorageError(f"no input files under {uri}")
+    parquet = [f for f in files if f.endswith(".parquet")]
+    return ("parquet", parquet) if parquet else ("images", files)
+
+
+def read_output(uri: str, columns: list[str]) -> pa.Table:
+    """Read columns of a run's Parquet files (all files of the run folder, markers excluded)."""
+    fs, root = storage.resolve(uri)
+    if fs.get_file_info(root).type.name == "NotFound":
+        return pa.table({c: pa.array([], OUTPUT_SCHEMA.field(c).type) for c in columns})
+    files = [i.path for i in storage.list_files(uri) if i.path.endswith(".parquet")]
+    tables = [pq.read_table(f, filesystem=fs, columns=columns) for f in files]
+    if not tables:
+        return pa.table({c: pa.array([], OUTPUT_SCHEMA.field(c).type) for c in columns})
+    return pa.concat_tables(tables)
+
+
+def run_restore(config: RestoreConfig) -> RestoreReport:
+    """Run a restore job on the current Ray cluster (a local one when none is configured).
+
+    Returns:
+        The report also written as `OUT/run_id=<id>/_manifest.json` (written last, after every Parquet file).
+    """
+    import ray
+
+    from restoration.cluster import init_ray
+
+    t_start = time.perf_counter()
+    loaded = load_restorer(config.model)  # fail fast on a bad model, before Ray starts
+    run_id = config.run_id or default_run_id()
+    out_uri = run_dir(config.output, run_id)
+    kind, files = input_files(config.input)
+    storage.ensure_bucket(config.output)
+
+    init_ray()
+    fs, root = storage.resolve(config.input)
+    if kind == "parquet":
+        ds = ray.data.read_parquet(files, filesystem=fs)
+        columns = [c for c in ("key", "image", "reference") if c in ds.columns()]
+        ds = ds.select_columns(columns)
+    else:
+        base = root if fs.get_file_info(root).type.name == "Directory" else posixpath.dirname(root)
+        ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
+        ds = ds.map_batches(
+            lambda t: pa.table({"key": pc.utf8_slice_codeunits(t["path"], len(base) + 1), "image": t["bytes"]}),
+            batch_format="pyarrow",
+        )
+    rows_in = ds.count()
+
+    # Resume: keys already written by earlier attempts of this run are skipped.
+    done = set()
+    if config.resume:
+        done = set(read_output(out_uri, ["key"]).column("key").to_pylist())
+    elif storage.exists(out_uri):
+        raise ValueError(f"{out_uri} already exists: pass --resume to finish that run, or choose another --run-id")
+    if done:
+        done_ref = ray.put(done)
+        ds = ds.filter(lambda row, d=done_ref: row["key"] not in ray.get(d))  # noqa: B008
+    workers, use_gpu, cpus_per_actor = _resources(config)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"degradation": config.degrade, "seed": config.seed, "max_pixels": config.max_pixels},
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+    )
+    ds = ds.map_batches(
+        RestoreActor,
+        fn_constructor_kwargs={
+            "model": config.model,
+            "tile": config.tile,
+            "overlap": config.overlap,
+            "threads": cpus_per_actor,
+        },
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+        num_cpus=cpus_per_actor if not use_gpu else 1,
+        num_gpus=1 if use_gpu else 0,
+    )
+    model_name = Path(model_source(config.model)).stem if not storage.is_s3(config.model) else config.model
+    ds = ds.map_batches(
+        encode_batch,
+        fn_kwargs={"model": model_name, "model_sha256": loaded.sha256, "run_id": run_id},
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+    )
+    out_fs, out_path = storage.resolve(out_uri)
+    ds.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=256)
+    seconds = time.perf_counter() - t_start
+
+    # The manifest counts what is really in the output (earlier attempts of a resumed run included).
+    written = read_output(out_uri, ["key", "width", "height", "psnr", "ssim", "input_psnr", "error"])
+    errors = [e for e in written.column("error").to_pylist() if e is not None]
+    stages = Counter(e.split(":", 1)[0] for e in errors)
+    ok_mask = pc.is_null(written.column("error"))
+    pixels = (
+        pc.sum(
+            pc.multiply(
+                pc.filter(written["width"], ok_mask).cast(pa.int64()),
+                pc.filter(written["height"], ok_mask).cast(pa.int64()),
+            )
+        ).as_py()
+        or 0
+    )
+    processed = rows_in - len(done)
+
+    def mean(column: str) -> float | None:
+        values = [v for v in written.column(column).to_pylist() if v is not None and math.isfinite(v)]
+        return float(np.mean(values)) if values else None
+
+    report = RestoreReport(
+        run_id=run_id,
+        output=out_uri,
+        rows_in=rows_in,
+        rows_out=written.num_rows,
+        ok=written.num_rows - len(errors),
+        errors=len(errors),
+        errors_by_stage=dict(stages),
+        skipped_resumed=len(done),
+        seconds=seconds,
+        images_per_s=processed / seconds if seconds else 0.0,
+        megapixels_per_s=pixels / 1e6 / seconds * (processed / max(written.num_rows, 1)) if seconds else 0.0,
+        mean_psnr=mean("psnr"),
+        mean_ssim=mean("ssim"),
+        mean_input_psnr=mean("input_psnr"),
+        model=model_name,
+        model_sha256=loaded.sha256,
+        config=asdict(config) | {"run_id": run_id, "workers": workers, "gpu": use_gpu},
+    )
+    storage.write_bytes(storage.join(out_uri, "_manifest.json"), json.dumps(asdict(report), indent=2).encode())
+    return report
+
+
+def _resources(config: RestoreConfig) -> tuple[int, bool, int]:
+    """(actors, use GPU, CPUs per actor) from the cluster's resources and the config."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = gpus > 0 if config.gpu is None else config.gpu
+    if use_gpu and gpus == 0:
+        raise ValueError("--gpu was given but the Ray cluster has no GPUs")
+    cpus = max(1, int(resources.get("CPU", 1)))
+    if use_gpu:
+        return config.workers or gpus, True, 1
+    workers = config.workers or max(1, cpus // 2)
+    # Leave about half the cores to decoding and encoding so the model actor never starves.
+    return workers, False, max(1, cpus // (2 * workers)) if cpus >= 2 * workers else 1

@@ -1,0 +1,251 @@
+"""The restore pipeline: its stages as plain callables, then end to end through a real local Ray and real S3."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from restoration import data, storage
+from restoration.checkpoint import save_model
+from restoration.models.restorer import Restorer, RestorerConfig
+from restoration.pipelines.restore import (
+    OUTPUT_SCHEMA,
+    RestoreActor,
+    RestoreConfig,
+    decode_batch,
+    encode_batch,
+    load_restorer,
+    read_output,
+    run_restore,
+)
+from restoration.train.patches import load_images
+from restoration.train.restorer_core import FitConfig, NoiseSpec, fit_restorer
+
+
+def png_bytes(image: Image.Image, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=kwargs.pop("format", "PNG"), **kwargs)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """An untrained but real restorer file (shape and plumbing tests)."""
+    path = tmp_path_factory.mktemp("models") / "tiny.pt"
+    model = Restorer(RestorerConfig(depth=4, width=8))
+    save_model(path, "restorer", model.config, model)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory, train400) -> str:
+    """A small DnCNN trained here for ≤ 45 s on Train400 patches at σ = 25."""
+    model = Restorer(RestorerConfig(depth=7, width=32))
+    images = load_images(train400, channels=1, limit=200)
+    config = FitConfig(patch_size=40, batch_size=32, lr=2e-3, steps=10**6, time_budget_s=45.0, noise=NoiseSpec(25.0))
+    fit_restorer(model, images, config)
+    path = tmp_path_factory.mktemp("models") / "trained.pt"
+    save_model(path, "restorer", model.config, model, meta={"trained_for_s": 45})
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------- stages, no Ray
+def test_decode_batch_turns_bad_bytes_into_error_rows_and_degrades_with_key_seeds():
+    gray = Image.fromarray(np.full((20, 30), 128, np.uint8))
+    batch = pa.table({"key": ["a.png", "b.png", "c.png"], "image": [png_bytes(gray), b"", png_bytes(gray)]})
+    out = decode_batch(batch, degradation="noise:25", seed=7)
+    assert out.num_rows == 3 and out.schema == decode_batch(batch.slice(0, 0)).schema
+    rows = out.to_pylist()
+    assert rows[1]["error"] == "decode: empty file" and rows[1]["pixels"] is None
+    a = np.frombuffer(rows[0]["pixels"], np.float32)
+    c = np.frombuffer(rows[2]["pixels"], np.float32)
+    assert 20 < np.std(a) * 255 < 30  # σ = 25 noise on a flat image
+    assert not np.array_equal(a, c)  # same image, different keys: different noise
+    again = decode_batch(batch.slice(2, 1), degradation="noise:25", seed=7).to_pylist()[0]
+    assert again["pixels"] == rows[2]["pixels"]  # the seed depends on (seed, key), not on batch position
+    assert rows[0]["degradation"] == "noise:25" and 19 < rows[0]["input_psnr"] < 21
+
+
+def test_actor_and_encoder_as_plain_callables(tiny_model):
+    rgba = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 20, 4), dtype=np.uint8), "RGBA")
+    gray = Image.fromarray(np.random.default_rng(1).integers(0, 255, (24, 20), dtype=np.uint8))
+    batch = pa.table({"key": ["rgba", "gray", "bad"], "image": [png_bytes(rgba), png_bytes(gray), b"<html>"]})
+    stage = decode_batch(batch)
+    restored = RestoreActor(tiny_model, tile=16, overlap=4)(stage)
+    out = encode_batch(restored, model="tiny", model_sha256="x" * 64, run_id="r")
+    assert out.schema == OUTPUT_SCHEMA
+    rows = {r["key"]: r for r in out.to_pylist()}
+    assert rows["bad"]["error"].startswith("decode: ") and rows["bad"]["image"] is None
+    result = decode_png(rows["rgba"]["image"])
+    assert result.mode == "RGBA" and result.size == (20, 24) and rows["rgba"]["mode"] == "RGBA"
+    np.testing.assert_array_equal(np.asarray(result)[..., 3], np.asarray(rgba)[..., 3])  # alpha untouched
+    assert decode_png(rows["gray"]["image"]).mode == "L"
+    assert all(r["elapsed_ms"] >= 0 for r in rows.values())
+
+
+# --------------------------------------------------------------------------------------------- end to end
+def test_set12_noise25_restored_by_a_model_trained_in_the_test(s3, ray_cluster, set12, trained_model):
+    shards = s3.uri("e2e", "set12")
+    data.ingest(str(set12), shards)
+    out = s3.uri("e2e", "restored")
+    report = run_restore(RestoreConfig(input=shards, output=out, model=trained_model, degrade="noise:25", run_id="e2e"))
+    files = sorted(p for p in set12.iterdir() if p.is_file())
+    assert report.rows_in == report.rows_out == report.ok == len(files) and report.errors == 0
+    table = read_output(storage.join(out, "run_id=e2e"), ["key", "image", "psnr", "ssim", "input_psnr", "error"])
+    assert sorted(table.column("key").to_pylist()) == sorted(p.name for p in files)
+    restored = np.mean(table.column("psnr").to_pylist())
+    degraded = np.mean(table.column("input_psnr").to_pylist())
+    print(f"Set12 σ=25: degraded {degraded:.2f} dB -> restored {restored:.2f} dB")
+    assert restored > degraded + 3.0
+    # The PNGs in the output are the restored images: recompute PSNR from them against the clean files.
+    for key, image in zip(table.column("key").to_pylist()[:3], table.column("image").to_pylist()[:3], strict=True):
+        clean = np.asarray(Image.open(set12 / key), np.float64) / 255
+        got = np.asarray(decode_png(image), np.float64) / 255
+        assert 10 * np.log10(1 / np.mean((got - clean) ** 2)) > degraded + 3.0
+    manifest = json.loads(storage.read_bytes(storage.join(out, "run_id=e2e", "_manifest.json")))
+    assert manifest["rows_in"] == len(files) and manifest["errors"] == 0
+    assert manifest["mean_psnr"] == pytest.approx(restored, abs=1e-6)
+    assert manifest["model_sha256"] == load_restorer(trained_model).sha256
+
+
+def _bomb_png() -> bytes:
+    """A valid 1×1 PNG whose header claims 30000×30000 pixels (a decompression bomb's calling card)."""
+    raw = png_bytes(Image.new("L", (1, 1)))
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return raw[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + raw[33:]
+
+
+def bad_corpus() -> dict[str, bytes]:
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    good_png, good_jpg = png_bytes(photo), png_bytes(photo, format="JPEG", quality=90)
+    sixteen = Image.fromarray((np.linspace(0, 65535, 40 * 30).reshape(30, 40)).astype(np.uint16))
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    frames = [Image.new("RGB", (16, 16), c) for c in ("red", "green", "blue")]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=50)
+    # EXIF orientation 6: the stored pixels are rotated; viewers turn them 90° clockwise. Upright, the image is 40 wide
+    # and 60 tall, dark on top and bright below.
+    upright = np.zeros((60, 40), np.uint8)
+    upright[30:] = 220
+    stored = Image.fromarray(np.rot90(upright, 1).copy())  # what a camera held sideways writes
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    la = Image.fromarray(
+        np.dstack([rng.integers(0, 255, (20, 20)), rng.integers(0, 255, (20, 20))]).astype(np.uint8), "LA"
+    )
+    return {
+        "ok/photo.png": good_png,
+        "ok/photo.jpg": good_jpg,
+        "ok/sixteen.png": png_bytes(sixteen),
+        "ok/cmyk.jpg": png_bytes(photo.convert("CMYK"), format="JPEG"),
+        "ok/palette.png": png_bytes(palette),
+        "ok/animated.gif": gif.getvalue(),
+        "ok/exif.jpg": png_bytes(stored, format="JPEG", exif=exif.tobytes(), quality=95),
+        "ok/one.png": png_bytes(Image.new("L", (1, 1), 77)),
+        "ok/la.png": png_bytes(la),
+        "ok/large.png": png_bytes(Image.fromarray(rng.integers(0, 255, (150, 230), dtype=np.uint8))),
+        "bad/empty.png": b"",
+        "bad/truncated.png": good_png[: len(good_png) // 2],
+        "bad/truncated.jpg": good_jpg[: len(good_jpg) // 2],
+        "bad/random.jpg": rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        "bad/page.png": b"<!doctype html><html><body>not found</body></html>",
+        "bad/bomb.png": _bomb_png(),
+    }
+
+
+def test_bad_input_corpus_every_row_accounted_for(s3, ray_cluster, tiny_model):
+    corpus = bad_corpus()
+    prefix = s3.uri("corpus", "raw")
+    for key, payload in corpus.items():
+        storage.write_bytes(storage.join(prefix, key), payload)
+    out = s3.uri("corpus", "restored")
+    report = run_restore(RestoreConfig(input=prefix, output=out, model=tiny_model, run_id="c", tile=128, overlap=16))
+    assert report.rows_in == report.rows_out == len(corpus)
+    table = read_output(storage.join(out, "run_id=c"), ["key", "image", "mode", "width", "height", "error"])
+    rows = {r["key"]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted(corpus)  # every key exactly once
+    for key, row in rows.items():
+        if key.startswith("bad/"):
+            assert row["error"] and row["error"].startswith("decode: ") and row["image"] is None, row
+        else:
+            assert row["error"] is None and row["image"], row
+    reasons = {k.removeprefix("bad/"): rows[k]["error"] for k in rows if k.startswith("bad/")}
+    assert "empty" in reasons["empty.png"] and "truncated" in reasons["truncated.png"]
+    assert "truncated" in reasons["truncated.jpg"] and "too large" in reasons["bomb.png"]
+    assert "not an image" in reasons["page.png"] and "not an image" in reasons["random.jpg"]
+    assert report.errors_by_stage == {"decode": 6}
+
+    sixteen = decode_png(rows["ok/sixteen.png"]["image"])
+    assert sixteen.mode.startswith("I") and np.asarray(sixteen).max() > 255  # 16-bit precision survives
+    palette = decode_png(rows["ok/palette.png"]["image"])
+    assert palette.mode == "RGBA" and (np.asarray(palette)[..., 3] == 0).any()  # transparency kept as alpha
+    la_in = np.asarray(decode_png(corpus["ok/la.png"]))[..., 1]
+    np.testing.assert_array_equal(np.asarray(decode_png(rows["ok/la.png"]["image"]))[..., 1], la_in)
+    upright = np.asarray(decode_png(rows["ok/exif.jpg"]["image"]).convert("L"), np.float64)
+    assert upright.shape == (60, 40) and upright[:25].mean() < 60 < 160 < upright[35:].mean()
+    assert (rows["ok/large.png"]["width"], rows["ok/large.png"]["height"]) == (230, 150)
+    assert rows["ok/cmyk.jpg"]["mode"] == "RGB"
+    assert (rows["ok/one.png"]["width"], rows["ok/one.png"]["height"]) == (1, 1)
+
+
+def test_resume_writes_only_the_missing_keys(s3, ray_cluster, set12, tiny_model):
+    shards = s3.uri("resume", "all")
+    data.ingest(str(set12), shards)
+    fs, _ = storage.resolve(shards)
+    table = pa.concat_tables(pq.read_table(f, filesystem=fs) for f in data.shard_files(shards))
+    subset = s3.uri("resume", "subset")
+    storage.write_bytes(storage.join(subset, "part-00000.parquet"), data.table_to_parquet(table.slice(0, 5)))
+    out = s3.uri("resume", "out")
+    # A first attempt that only got through 5 of the 12 images...
+    first = run_restore(RestoreConfig(input=subset, output=out, model=tiny_model, run_id="r"))
+    assert first.rows_out == 5
+    run_folder = storage.join(out, "run_id=r")
+    files_before = {i.path for i in storage.list_files(run_folder) if i.path.endswith(".parquet")}
+    # ...a rerun without --resume refuses to mix runs...
+    with pytest.raises(ValueError, match="--resume"):
+        run_restore(RestoreConfig(input=shards, output=out, model=tiny_model, run_id="r"))
+    # ...and --resume finishes it: only the 7 missing keys are written, no duplicates.
+    second = run_restore(RestoreConfig(input=shards, output=out, model=tiny_model, run_id="r", resume=True))
+    assert second.skipped_resumed == 5 and second.rows_out == table.num_rows
+    new_files = [i.path for i in storage.list_files(run_folder) if i.path.endswith(".parquet")]
+    new_rows = sum(pq.read_metadata(p, filesystem=fs).num_rows for p in new_files if p not in files_before)
+    assert new_rows == table.num_rows - 5
+    keys = read_output(run_folder, ["key"]).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == table.num_rows
+    # Resuming a complete run writes nothing.
+    third = run_restore(RestoreConfig(input=shards, output=out, model=tiny_model, run_id="r", resume=True))
+    assert third.rows_out == table.num_rows and third.skipped_resumed == table.num_rows
+
+
+def test_restore_cli_summary_and_clear_errors(s3, ray_cluster, tiny_model, tmp_path, capsys):
+    from restoration.cli import main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(folder / "a.png")
+    assert main(["restore", str(folder), str(tmp_path / "out"), "--model", tiny_model, "--run-id", "x"]) == 0
+    assert "restored 1 ok, 0 errors of 1 rows" in capsys.readouterr().out
+    assert main(["restore", str(folder), str(tmp_path / "out"), "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model 'no-such-model' not found" in err
+    not_a_model = tmp_path / "junk.pt"
+    not_a_model.write_bytes(b"junk")
+    assert main(["restore", str(folder), str(tmp_path / "out"), "--model", str(not_a_model)]) == 2
+    assert "is not a valid model file" in capsys.readouterr().err
+    assert main(["restore", str(tmp_path / "nothing"), str(tmp_path / "out"), "--model", tiny_model]) == 2
+    assert "input not found" in capsys.readouterr().err
