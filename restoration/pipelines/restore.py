@@ -213,7 +213,13 @@ class RestoreActor:
             net.fold_batch_norm()
         self.net = net.to(self.device).eval()
         self.channels = self.loaded.config.channels
-        self.tile, self.overlap = tile, overlap
+        # The overlap is the context each tile sees beyond the part it keeps: at least the receptive radius makes
+        # tiled output equal to whole-image output; tiles align to the model's internal downscale.
+        self.tile = tile
+        self.overlap = max(overlap, getattr(net, "receptive_radius", 0))
+        self.align = getattr(net, "downscale", 1)
+        if self.tile <= 2 * self.overlap + self.align:
+            self.tile = 2 * self.overlap + max(self.overlap, 64)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
@@ -265,11 +271,11 @@ class RestoreActor:
         while True:
             try:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                    return tiled_apply(self.net, x, tile=tile, overlap=self.overlap)
+                    return tiled_apply(self.net, x, tile=tile, overlap=self.overlap, align=self.align)
             except torch.cuda.OutOfMemoryError:
                 # On a GPU, retry with smaller tiles rather than failing the image.
                 torch.cuda.empty_cache()
-                if tile // 2 <= 2 * self.overlap:
+                if tile // 2 <= 2 * self.overlap + self.align:
                     raise
                 tile //= 2
 

@@ -1,0 +1,13 @@
+"""Model families and the explicit table the checkpoint loader builds from.
+
+`MODELS` maps a model kind (the `"kind"` stored in a model file) to its (config dataclass, module class). Adding a
+family is one line here; nothing is discovered by file name.
+"""
+
+from restoration.models.restorer import Restorer, RestorerConfig
+
+MODELS: dict[str, tuple[type, type]] = {
+    "restorer": (RestorerConfig, Restorer),
+}
+
+__all__ = ["MODELS", "Restorer", "RestorerConfig"]

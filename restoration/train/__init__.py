@@ -1,0 +1,1 @@
+"""Training code: patch sampling and per-step maths (plain PyTorch), plus the Ray Train loops built on them."""
