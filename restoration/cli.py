@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 from restoration import __version__
 
@@ -175,19 +174,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_s3_server(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
     from restoration.s3server import EmbeddedS3
 
-    server = EmbeddedS3(data_dir=args.data_dir, port=args.port, bucket=args.bucket)
-    with server:
+    # Ctrl-C and SIGTERM both mean "stop cleanly"; the handlers are in place before anything is announced.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with EmbeddedS3(data_dir=args.data_dir, port=args.port, bucket=args.bucket) as server:
         print("embedded S3 is up; point clients at it with:")
         for name, value in server.env.items():
             print(f"export {name}={value}")
         print(f"bucket: s3://{server.bucket}   (Ctrl-C stops it)", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            print("stopping", flush=True)
+        stop.wait()
+        print("stopping", flush=True)
     return 0
 
 
