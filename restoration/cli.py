@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_restore_arguments(p)
     p.set_defaults(func=_cmd_restore)
 
+    p = sub.add_parser("train", help="train a model with Ray Train (DDP), checkpoints on S3", description=_doc("train"))
+    add_train_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser("demo", help="run the main job on embedded defaults", description=_doc("demo"))
     p.add_argument("--out", default=None, help="local folder for the demo outputs (default ./demo-output)")
     p.set_defaults(func=_cmd_demo)
@@ -100,6 +104,46 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="use GPUs (default: if any)")
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse larger images (default 100 MP)")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `restoration train` (shared with jobs/train.py)."""
+    from restoration.train.run import TRAINERS
+
+    p.add_argument("kind", choices=sorted(TRAINERS), help="model family")
+    p.add_argument("--data", required=True, help="training images: input shards or a folder/prefix of images")
+    p.add_argument("--val", default=None, help="validation images (default: 1 in 20 training images held out)")
+    p.add_argument("--storage", required=True, help="folder or s3:// prefix for runs (checkpoints, model file)")
+    p.add_argument("--name", default=None, help="run name; the same name resumes (default: the preset name)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="named preset: "
+        + "; ".join(f"{kind}: {', '.join(presets)}" for kind, (_, presets, _) in sorted(TRAINERS.items())),
+    )
+    p.add_argument("--workers", type=_positive_int, default=1, help="training workers (DDP), default 1")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="use GPUs (default: if any)")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="override the preset's epochs")
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override any config field")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def train_setup(args: argparse.Namespace):
+    """(train config, launch config) from parsed `train` arguments."""
+    from restoration.train.launcher import LaunchConfig
+    from restoration.train.run import TRAINERS, parse_override, resolve_config
+
+    config_cls = TRAINERS[args.kind][0]
+    overrides = dict(parse_override(text, config_cls) for text in args.set)
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    train_config = resolve_config(args.kind, args.preset, overrides)
+    name = args.name or args.preset or args.kind
+    launch_config = LaunchConfig(
+        storage=args.storage, name=name, workers=args.workers, gpu=args.gpu, max_failures=args.max_failures
+    )
+    return train_config, launch_config
 
 
 def restore_config(args: argparse.Namespace):
@@ -135,6 +179,9 @@ def _doc(command: str) -> str:
     return {
         "ingest": "Write images as Parquet input shards (key, image bytes, width, height[, label]). Inputs that are "
         "not readable images are listed at the end and in DEST/_errors.parquet.",
+        "train": "Train a model with Ray Train: DDP over --workers (GPUs when the cluster has them), data from input "
+        "shards, checkpoints under STORAGE/NAME (S3 or local). Starting the same NAME again resumes from its latest "
+        "checkpoint; the best checkpoint is exported as STORAGE/NAME/model.pt.",
         "demo": "Start an embedded S3 server, ingest the sample photos that ship with scikit-image and scikit-learn "
         "into Parquet shards on it, and print what was written.",
     }[command]
@@ -162,6 +209,32 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     from restoration.pipelines.restore import run_restore
 
     report = run_restore(restore_config(args))
+    print(report.summary())
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    train_config, launch_config = train_setup(args)
+    if args.dry_run:
+        print(
+            json.dumps(
+                {
+                    "kind": args.kind,
+                    "data": args.data,
+                    "val": args.val,
+                    **dataclasses.asdict(launch_config),
+                    "config": dataclasses.asdict(train_config),
+                },
+                indent=2,
+            )
+        )
+        return 0
+    from restoration.train.run import run_training
+
+    report = run_training(args.kind, args.data, launch_config, train_config, val=args.val)
     print(report.summary())
     return 0
 

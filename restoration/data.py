@@ -244,3 +244,52 @@ def shard_files(uri: str) -> list[str]:
     if not files:
         raise storage.StorageError(f"no Parquet shards under {uri}")
     return files
+
+
+def input_files(uri: str) -> tuple[str, list[str]]:
+    """What `uri` holds: ("parquet", files) for input shards, or ("images", files) for raw image objects.
+
+    Hidden files and names starting with '_' (manifests, error lists) are never inputs.
+    """
+    fs, root = storage.resolve(uri)
+    info = fs.get_file_info(root)
+    if info.type.name == "NotFound":
+        raise storage.StorageError(f"input not found: {uri}")
+    if info.type.name == "File":
+        return ("parquet" if root.endswith(".parquet") else "images"), [root]
+    files = [
+        i.path
+        for i in storage.list_files(uri)
+        if not any(p.startswith((".", "_")) for p in posixpath.relpath(i.path, root).split("/"))
+    ]
+    if not files:
+        raise storage.StorageError(f"no input files under {uri}")
+    parquet = [f for f in files if f.endswith(".parquet")]
+    return ("parquet", parquet) if parquet else ("images", files)
+
+
+def read_images(uri: str, extra_columns: tuple[str, ...] = ()):
+    """A Ray Dataset of `key`, `image` (encoded bytes) and those of `extra_columns` the input has.
+
+    Args:
+        uri: input shards (Parquet with the shard contract) or a folder/prefix of image files (keys: relative paths).
+        extra_columns: optional shard columns to keep when present, e.g. ("reference",) or ("label",).
+    """
+    import pyarrow.compute as pc
+    import ray
+
+    kind, files = input_files(uri)
+    fs, root = storage.resolve(uri)
+    if kind == "parquet":
+        ds = ray.data.read_parquet(files, filesystem=fs)
+        names = ds.columns()
+        missing = [c for c in ("key", "image") if c not in names]
+        if missing:
+            raise storage.StorageError(f"{uri}: Parquet input lacks column(s) {', '.join(missing)}; has {names}")
+        return ds.select_columns(["key", "image", *(c for c in extra_columns if c in names)])
+    base = root if fs.get_file_info(root).type.name == "Directory" else posixpath.dirname(root)
+    ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
+    return ds.map_batches(
+        lambda t: pa.table({"key": pc.utf8_slice_codeunits(t["path"], len(base) + 1), "image": t["bytes"]}),
+        batch_format="pyarrow",
+    )

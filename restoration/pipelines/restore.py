@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import posixpath
 import time
 import uuid
 from collections import Counter
@@ -29,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from restoration import codec, degrade, metrics, storage
+from restoration import codec, data, degrade, metrics, storage
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
@@ -155,10 +154,10 @@ def decode_batch(
     images = batch.column("image").to_pylist()
     refs = batch.column("reference").to_pylist() if "reference" in batch.column_names else [None] * len(keys)
     rows = []
-    for key, data, ref in zip(keys, images, refs, strict=True):
+    for key, encoded, ref in zip(keys, images, refs, strict=True):
         t0 = time.perf_counter()
         try:
-            decoded = codec.decode(data or b"", max_pixels=max_pixels)
+            decoded = codec.decode(encoded or b"", max_pixels=max_pixels)
         except codec.DecodeError as e:
             rows.append(_error_row(key, f"decode: {e}", 1e3 * (time.perf_counter() - t0)))
             continue
@@ -369,25 +368,6 @@ def default_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def input_files(uri: str) -> tuple[str, list[str]]:
-    """What `uri` holds: ("parquet", files) for input shards, or ("images", files) for raw image objects."""
-    fs, root = storage.resolve(uri)
-    info = fs.get_file_info(root)
-    if info.type.name == "NotFound":
-        raise storage.StorageError(f"input not found: {uri}")
-    if info.type.name == "File":
-        return ("parquet" if root.endswith(".parquet") else "images"), [root]
-    files = [
-        i.path
-        for i in storage.list_files(uri)
-        if not any(p.startswith((".", "_")) for p in posixpath.relpath(i.path, root).split("/"))
-    ]
-    if not files:
-        raise storage.StorageError(f"no input files under {uri}")
-    parquet = [f for f in files if f.endswith(".parquet")]
-    return ("parquet", parquet) if parquet else ("images", files)
-
-
 def read_output(uri: str, columns: list[str]) -> pa.Table:
     """Read columns of a run's Parquet files (all files of the run folder, markers excluded)."""
     fs, root = storage.resolve(uri)
@@ -414,22 +394,11 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     loaded = load_restorer(config.model)  # fail fast on a bad model, before Ray starts
     run_id = config.run_id or default_run_id()
     out_uri = run_dir(config.output, run_id)
-    kind, files = input_files(config.input)
+    data.input_files(config.input)  # fail fast on a missing or empty input, before Ray starts
     storage.ensure_bucket(config.output)
 
     init_ray()
-    fs, root = storage.resolve(config.input)
-    if kind == "parquet":
-        ds = ray.data.read_parquet(files, filesystem=fs)
-        columns = [c for c in ("key", "image", "reference") if c in ds.columns()]
-        ds = ds.select_columns(columns)
-    else:
-        base = root if fs.get_file_info(root).type.name == "Directory" else posixpath.dirname(root)
-        ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
-        ds = ds.map_batches(
-            lambda t: pa.table({"key": pc.utf8_slice_codeunits(t["path"], len(base) + 1), "image": t["bytes"]}),
-            batch_format="pyarrow",
-        )
+    ds = data.read_images(config.input, extra_columns=("reference",))
     rows_in = ds.count()
 
     # Resume: keys already written by earlier attempts of this run are skipped.

@@ -1,0 +1,93 @@
+"""`restoration train KIND`: resolve a preset plus overrides into a train config, build the datasets, launch.
+
+restoration train restorer --data s3://bucket/train400 --storage s3://bucket/runs --preset restorer-dncnn-cpu
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+from typing import Any
+
+from restoration.train import restorer
+from restoration.train.launcher import LaunchConfig, TrainReport, launch
+
+# kind -> (train config class, presets, train_loop_per_worker). Explicit: adding a family is one line.
+TRAINERS: dict[str, tuple[type, dict[str, dict], Any]] = {
+    "restorer": (restorer.RestorerTrainConfig, restorer.PRESETS, restorer.train_loop_per_worker),
+}
+HOLDOUT_EVERY = 20  # without --val, one image in 20 (chosen by a hash of its key) is held out for validation
+
+
+def parse_override(text: str, config_cls: type) -> tuple[str, Any]:
+    """`field=value` -> (field, typed value), typed from the config dataclass's default."""
+    if "=" not in text:
+        raise ValueError(f"--set {text!r}: expected FIELD=VALUE")
+    name, raw = text.split("=", 1)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    if name not in fields:
+        raise ValueError(f"--set {name}: unknown field; expected one of {', '.join(fields)}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare string such as arch=fast
+    return name, value
+
+
+def resolve_config(kind: str, preset: str | None, overrides: dict[str, Any]) -> Any:
+    """The train config of `kind` from a named preset (or the defaults) and field overrides.
+
+    Returns:
+        The frozen config dataclass; raises ValueError naming a bad preset, field or value.
+    """
+    if kind not in TRAINERS:
+        raise ValueError(f"unknown model kind {kind!r}: expected one of {', '.join(TRAINERS)}")
+    config_cls, presets, _ = TRAINERS[kind]
+    if preset is not None and preset not in presets:
+        raise ValueError(f"unknown preset {preset!r} for {kind}: expected one of {', '.join(presets)}")
+    values = {**(presets[preset] if preset else {}), **overrides}
+    try:
+        return config_cls(**values)
+    except TypeError as e:
+        raise ValueError(f"bad {kind} config: {e}") from None
+
+
+def _holdout(key: str) -> bool:
+    return zlib.crc32(key.encode()) % HOLDOUT_EVERY == 0
+
+
+def build_datasets(kind: str, data: str, val: str | None) -> tuple[dict, list[str]]:
+    """Ray Datasets for a run: "train" (sharded across workers) and "val" (whole on every worker)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from restoration.data import read_images
+
+    train = read_images(data, extra_columns=("label",))
+    if val is not None:
+        return {"train": train, "val": read_images(val, extra_columns=("label",))}, ["train"]
+
+    def split(batch: pa.Table, held_out: bool) -> pa.Table:
+        mask = pa.array([_holdout(k) == held_out for k in batch.column("key").to_pylist()], pa.bool_())
+        return pc.filter(batch, mask) if batch.num_rows else batch
+
+    datasets = {
+        "train": train.map_batches(split, fn_kwargs={"held_out": False}, batch_format="pyarrow"),
+        "val": train.map_batches(split, fn_kwargs={"held_out": True}, batch_format="pyarrow"),
+    }
+    return datasets, ["train"]
+
+
+def run_training(
+    kind: str, data: str, launch_config: LaunchConfig, train_config: Any, val: str | None = None
+) -> TrainReport:
+    """Train `kind` on the current Ray cluster (a local one when none is configured) and export its model file."""
+    from restoration.cluster import init_ray
+    from restoration.data import input_files
+
+    input_files(data)  # fail fast on a missing input, before Ray starts
+    init_ray()
+    datasets, split = build_datasets(kind, data, val)
+    _, _, loop = TRAINERS[kind]
+    return launch(kind, loop, train_config, launch_config, datasets, split)
