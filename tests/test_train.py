@@ -4,9 +4,11 @@ injected worker failure, and resuming a finished run by name."""
 from __future__ import annotations
 
 import json
+import posixpath
 
 import numpy as np
 import pytest
+import torch
 
 from restoration import data, storage
 from restoration.checkpoint import load_model
@@ -64,3 +66,44 @@ def test_train_cli_dry_run_and_bad_arguments(capsys):
     assert "unknown preset 'bogus'" in capsys.readouterr().err
     assert main(["train", "restorer", "--data", "x", "--storage", "y", "--set", "depth=1", "--dry-run"]) == 2
     assert "depth" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def fmnist_shards(s3):
+    from restoration.sources import FASHION_MNIST_DIR
+
+    uri = s3.uri("train", "fmnist-test")
+    data.ingest(FASHION_MNIST_DIR, uri, split="test")
+    return uri
+
+
+@pytest.mark.parametrize(
+    ("kind", "overrides", "previews"),
+    [
+        (
+            "dcgan",
+            {"g_width": 16, "d_width": 16, "latent_dim": 32, "batch_size": 32, "eval_samples": 128},
+            ["samples.png"],
+        ),
+        (
+            "vae",
+            {"width": 16, "latent_dim": 8, "batch_size": 64, "eval_images": 256},
+            ["samples.png", "reconstructions.png"],
+        ),
+    ],
+)
+def test_generator_loops_checkpoint_previews_and_export(s3, ray_cluster, fmnist_shards, kind, overrides, previews):
+    runs = s3.uri("train", "gen-runs")
+    config = resolve_config(kind, None, {**overrides, "epochs": 2, "steps_per_epoch": 10})
+    report = run_training(kind, fmnist_shards, LaunchConfig(storage=runs, name=kind), config)
+    assert report.epochs == [0, 1]
+    loaded = load_model(storage.read_bytes(report.model_path), expected_kind=kind)
+    images = loaded.module.sample(4, generator=torch.Generator().manual_seed(0))
+    assert tuple(images.shape) == (4, 1, 28, 28) and float(images.min()) >= 0 and float(images.max()) <= 1
+    # Every checkpoint carries its preview grids next to the state and the model file.
+    folders = {posixpath.dirname(i.path) for i in storage.list_files(storage.join(runs, kind))}
+    checkpoints = {f for f in folders if posixpath.basename(f).startswith("checkpoint_")}
+    assert checkpoints
+    for name in checkpoints:
+        files = {posixpath.basename(i.path) for i in storage.list_files("s3://" + name)}
+        assert {"state.pt", "model.pt", *previews} <= files

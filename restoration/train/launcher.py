@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from restoration import storage
@@ -82,13 +83,14 @@ def restore_state() -> dict | None:
         return torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
 
 
-def report_epoch(metrics: dict, state: dict | None, model_file: Callable[[str], None] | None) -> None:
-    """Report one epoch; rank 0 also hands Ray Train a checkpoint (state.pt + the exported model file).
+def report_epoch(metrics: dict, state: dict | None, write_files: Callable[[Path], None] | None = None) -> None:
+    """Report one epoch; rank 0 also hands Ray Train a checkpoint (state.pt plus what `write_files` adds).
 
     Args:
         metrics: the epoch's metrics (the same keys on every rank).
-        state: rank 0's resumable state (tensors and primitives only: it is loaded with weights_only=True).
-        model_file: writes the exported model file to the given path.
+        state: rank 0's resumable state (tensors and primitives only: it is loaded with weights_only=True); None on
+            the other ranks.
+        write_files: writes the exported model file (model.pt) and any previews into the checkpoint folder.
     """
     import ray.train
 
@@ -97,9 +99,41 @@ def report_epoch(metrics: dict, state: dict | None, model_file: Callable[[str], 
         return
     with tempfile.TemporaryDirectory() as folder:
         torch.save(state, Path(folder) / "state.pt")
-        if model_file is not None:
-            model_file(str(Path(folder) / "model.pt"))
+        if write_files is not None:
+            write_files(Path(folder))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def load_image_tensor(batches, channels: int) -> torch.Tensor:
+    """Decode the `image` column of pyarrow batches into one uint8 tensor (N, C, H, W) of same-size images
+    (Fashion-MNIST style data); rows that do not decode or have another size are left out (ingest reported them)."""
+    from restoration import codec
+
+    arrays, shape = [], None
+    for batch in batches:
+        for data in batch.column("image").to_pylist():
+            try:
+                pixels = codec.to_uint(codec.decode(data).pixels, 8)  # (H, W, C) uint8
+            except codec.DecodeError:
+                continue
+            if pixels.shape[2] != channels:
+                pixels = (
+                    np.repeat(pixels, 3, axis=2)
+                    if channels == 3
+                    else pixels.mean(axis=2, keepdims=True).astype(np.uint8)
+                )
+            shape = shape or pixels.shape
+            if pixels.shape == shape:
+                arrays.append(pixels)
+    if not arrays:
+        raise ValueError("no decodable images in this worker's data shard")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+
+
+def save_png(path: Path, grid: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(grid).save(path)
 
 
 def maybe_fail(config: Any, epoch: int, start_epoch: int) -> None:

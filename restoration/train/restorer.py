@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from restoration import codec
+from restoration.checkpoint import save_model
 from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.train import launcher
 from restoration.train.patches import PatchSampler
@@ -175,9 +177,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.setdefault("val_psnr", float("nan"))
         meta = {"train_config": dataclasses.asdict(cfg), "epoch": epoch, "metrics": metrics}
 
-        def export(path: str, meta=meta) -> None:
-            from restoration.checkpoint import save_model
+        def write_files(folder: Path, meta=meta) -> None:
+            save_model(folder / "model.pt", "restorer", net.config, net, meta=meta)
 
-            save_model(path, "restorer", net.config, net, meta=meta)
-
-        launcher.report_epoch(metrics, state, export if rank == 0 else None)
+        launcher.report_epoch(metrics, state, write_files if rank == 0 else None)

@@ -10,12 +10,14 @@ import json
 import zlib
 from typing import Any
 
-from restoration.train import restorer
+from restoration.train import dcgan, restorer, vae
 from restoration.train.launcher import LaunchConfig, TrainReport, launch
 
 # kind -> (train config class, presets, train_loop_per_worker). Explicit: adding a family is one line.
 TRAINERS: dict[str, tuple[type, dict[str, dict], Any]] = {
     "restorer": (restorer.RestorerTrainConfig, restorer.PRESETS, restorer.train_loop_per_worker),
+    "dcgan": (dcgan.DCGANTrainConfig, dcgan.PRESETS, dcgan.train_loop_per_worker),
+    "vae": (vae.VAETrainConfig, vae.PRESETS, vae.train_loop_per_worker),
 }
 HOLDOUT_EVERY = 20  # without --val, one image in 20 (chosen by a hash of its key) is held out for validation
 

@@ -1,0 +1,161 @@
+"""Training the DCGAN with Ray Train: `train_loop_per_worker` and its presets.
+
+Non-saturating GAN loss, Adam(2e-4, β1 = 0.5) (Radford et al. 2015), D and G wrapped for DDP separately, an EMA copy
+of G for sampling. Each checkpoint holds the resumable state, the exported model file (whose generator is the EMA
+generator) and `samples.png`, a grid drawn from a fixed noise batch so checkpoints can be compared by eye. The
+checkpoint score is a feature-statistics distance between EMA samples and held-out images (lower is better).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from restoration.checkpoint import save_model
+from restoration.models.dcgan import DCGAN, DCGANConfig
+from restoration.train import launcher
+from restoration.train.gan_core import ema_update, feature_distance, gan_step, image_grid, make_optimizers
+
+
+@dataclass(frozen=True)
+class DCGANTrainConfig:
+    # Model (DCGANConfig).
+    image_size: int = 28
+    channels: int = 1
+    latent_dim: int = 100
+    g_width: int = 64
+    d_width: int = 64
+    # Optimisation.
+    batch_size: int = 128  # per worker
+    steps_per_epoch: int | None = None  # None: one pass over the worker's shard
+    epochs: int = 20
+    lr: float = 2e-4
+    beta1: float = 0.5
+    ema_decay: float = 0.999
+    seed: int = 0
+    eval_samples: int = 512  # images per side for the feature distance
+    fail_at_epoch: int = -1
+    score: str = "feature_distance"
+    score_order: str = "min"
+
+    def __post_init__(self) -> None:
+        self.model_config()  # validates the model part
+        if self.batch_size < 1 or self.epochs < 1 or (self.steps_per_epoch is not None and self.steps_per_epoch < 1):
+            raise ValueError("batch_size, epochs and steps_per_epoch must be >= 1")
+
+    def model_config(self) -> DCGANConfig:
+        return DCGANConfig(self.image_size, self.channels, self.latent_dim, self.g_width, self.d_width)
+
+
+PRESETS: dict[str, dict] = {
+    # Minutes on 2 CPU cores: a narrow DCGAN, a few hundred steps.
+    "dcgan-fmnist-cpu": dict(g_width=32, d_width=32, latent_dim=64, batch_size=64, steps_per_epoch=100, epochs=5),
+    # The paper's widths on Fashion-MNIST, full passes, on GPUs.
+    "dcgan-fmnist-28": dict(g_width=64, d_width=64, latent_dim=100, batch_size=128, epochs=40),
+}
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1] (the generator's tanh range)."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The DCGAN's Ray Train loop (one call per worker)."""
+    import ray.train
+    from ray.train.torch import prepare_model
+
+    cpus = config.pop("cpus_per_worker", 1)
+    cfg = DCGANTrainConfig(**config)
+    torch.set_num_threads(launcher.threads_for(cpus))
+    rank, world_size = launcher.world()
+
+    # Load data: this worker's shard (uint8, kept in memory), and held-out images for the score.
+    train = launcher.load_image_tensor(
+        ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=1024), cfg.channels
+    )
+    val = launcher.load_image_tensor(
+        ray.train.get_dataset_shard("val").iter_batches(batch_format="pyarrow", batch_size=1024), cfg.channels
+    )
+
+    # Build G, D, EMA G and the optimizers; resume from this attempt's checkpoint, if any.
+    model = DCGAN(cfg.model_config())
+    opt_g, opt_d = make_optimizers(model, lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    ema = copy.deepcopy(model.generator).eval().requires_grad_(False)
+    state = launcher.restore_state()
+    start_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        start_epoch = int(state["epoch"]) + 1
+    generator, discriminator = prepare_model(model.generator), prepare_model(model.discriminator)
+    device = next(model.generator.parameters()).device
+    ema.to(device)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        launcher.maybe_fail(cfg, epoch, start_epoch)
+        rng = np.random.default_rng([cfg.seed, rank, epoch])
+        z_rng = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
+        order = torch.from_numpy(rng.permutation(len(train)))
+        steps = cfg.steps_per_epoch or max(1, len(train) // cfg.batch_size)
+        logs, t0 = [], time.perf_counter()
+        for step in range(steps):
+            # Sample a batch of real images.
+            index = order[(step * cfg.batch_size) % len(order) :][: cfg.batch_size]
+            real = to_model_range(train[index]).to(device, non_blocking=True)  # (B, C, S, S) in [-1, 1]
+            # Update D, then G (both inside gan_step), then the EMA copy of G.
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logs.append(gan_step(generator, discriminator, opt_g, opt_d, real, cfg.latent_dim, z_rng))
+            ema_update(ema, model.generator, cfg.ema_decay)
+        seconds = time.perf_counter() - t0
+
+        metrics = {k: float(np.mean([log[k] for log in logs])) for k in logs[0]}
+        metrics.update(
+            epoch=epoch,
+            started_from_epoch=start_epoch,
+            samples_per_s=steps * cfg.batch_size * world_size / seconds,
+            epoch_seconds=seconds,
+        )
+        state = None
+        if rank == 0:
+            with torch.no_grad():
+                fake = _sample(ema, cfg, min(cfg.eval_samples, len(val)), torch.Generator().manual_seed(cfg.seed + 1))
+                real = val[: len(fake)].float().div(255)
+                metrics["feature_distance"] = feature_distance(fake.cpu(), real)
+            print(f"[dcgan] epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            state = {
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(),
+                "epoch": epoch,
+            }
+        metrics.setdefault("feature_distance", float("nan"))
+        meta = {"train_config": dataclasses.asdict(cfg), "epoch": epoch, "metrics": metrics, "generator": "ema"}
+
+        def write_files(folder: Path, meta=meta) -> None:
+            # The exported model samples with the EMA generator; D is kept so the file can continue training.
+            exported = DCGAN(cfg.model_config())
+            exported.load_state_dict(
+                {**model.state_dict(), **{f"generator.{k}": v for k, v in ema.state_dict().items()}}
+            )
+            save_model(folder / "model.pt", "dcgan", exported.config, exported, meta=meta)
+            grid = _sample(ema, cfg, 64, torch.Generator().manual_seed(cfg.seed))  # the same z at every checkpoint
+            launcher.save_png(folder / "samples.png", image_grid(grid.cpu(), nrow=8))
+
+        launcher.report_epoch(metrics, state, write_files if rank == 0 else None)
+
+
+def _sample(generator: torch.nn.Module, cfg: DCGANTrainConfig, n: int, rng: torch.Generator) -> torch.Tensor:
+    """n images in [0, 1] from a generator in eval mode, z drawn on the CPU from `rng`."""
+    device = next(generator.parameters()).device
+    z = torch.randn(n, cfg.latent_dim, generator=rng).to(device)
+    return generator(z).float().add(1).div(2).clamp(0, 1)

@@ -1,0 +1,133 @@
+"""Training the convolutional VAE with Ray Train: `train_loop_per_worker` and its presets.
+
+The loss is the negative ELBO with an optional linear KL warm-up (Kingma & Welling 2014; warm-up as in Bowman et al.
+2016). Each checkpoint holds the resumable state, the exported model file, `reconstructions.png` (held-out images over
+their reconstructions) and `samples.png` (prior samples). The checkpoint score is the held-out negative ELBO in nats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from restoration.checkpoint import save_model
+from restoration.models.vae import VAE, VAEConfig
+from restoration.train import launcher
+from restoration.train.vae_core import evaluate_elbo, kl_weight, prior_grid, reconstruction_grid, vae_step
+
+
+@dataclass(frozen=True)
+class VAETrainConfig:
+    # Model (VAEConfig).
+    image_size: int = 28
+    channels: int = 1
+    latent_dim: int = 16
+    width: int = 32
+    likelihood: str = "bernoulli"
+    beta: float = 1.0
+    # Optimisation.
+    batch_size: int = 128  # per worker
+    steps_per_epoch: int | None = None  # None: one pass over the worker's shard
+    epochs: int = 20
+    lr: float = 1e-3
+    kl_warmup_steps: int = 0
+    seed: int = 0
+    eval_images: int = 1000
+    fail_at_epoch: int = -1
+    score: str = "val_nelbo"
+    score_order: str = "min"
+
+    def __post_init__(self) -> None:
+        self.model_config()  # validates the model part
+        if self.batch_size < 1 or self.epochs < 1 or (self.steps_per_epoch is not None and self.steps_per_epoch < 1):
+            raise ValueError("batch_size, epochs and steps_per_epoch must be >= 1")
+
+    def model_config(self) -> VAEConfig:
+        return VAEConfig(self.image_size, self.channels, self.latent_dim, self.width, self.likelihood, self.beta)
+
+
+PRESETS: dict[str, dict] = {
+    # Minutes on 2 CPU cores.
+    "vae-fmnist-cpu": dict(latent_dim=16, width=32, batch_size=128, steps_per_epoch=100, epochs=5, kl_warmup_steps=200),
+    # Full passes on GPUs.
+    "vae-fmnist-28": dict(latent_dim=32, width=64, batch_size=128, epochs=50, kl_warmup_steps=5000),
+}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The VAE's Ray Train loop (one call per worker)."""
+    import ray.train
+    from ray.train.torch import prepare_model
+
+    cpus = config.pop("cpus_per_worker", 1)
+    cfg = VAETrainConfig(**config)
+    torch.set_num_threads(launcher.threads_for(cpus))
+    rank, world_size = launcher.world()
+
+    # Load data: this worker's shard (uint8, kept in memory), and held-out images.
+    train = launcher.load_image_tensor(
+        ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=1024), cfg.channels
+    )
+    val = launcher.load_image_tensor(
+        ray.train.get_dataset_shard("val").iter_batches(batch_format="pyarrow", batch_size=1024), cfg.channels
+    )[: cfg.eval_images]
+
+    # Build the model and optimizer; resume from this attempt's checkpoint, if any.
+    model = VAE(cfg.model_config())
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    state = launcher.restore_state()
+    start_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"]) + 1
+    model = prepare_model(model)
+    net = model.module if hasattr(model, "module") else model
+    device = next(net.parameters()).device
+    steps = cfg.steps_per_epoch or max(1, len(train) // cfg.batch_size)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        launcher.maybe_fail(cfg, epoch, start_epoch)
+        rng = np.random.default_rng([cfg.seed, rank, epoch])
+        eps_rng = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
+        order = torch.from_numpy(rng.permutation(len(train)))
+        logs, t0 = [], time.perf_counter()
+        for step in range(steps):
+            # Sample a batch.
+            index = order[(step * cfg.batch_size) % len(order) :][: cfg.batch_size]
+            x = train[index].float().div_(255).to(device, non_blocking=True)  # (B, C, S, S) in [0, 1]
+            # Update weights on the negative ELBO, KL weighted by the warm-up.
+            beta = kl_weight(epoch * steps + step, cfg.kl_warmup_steps, cfg.beta)
+            logs.append(vae_step(model, optimizer, x, beta=beta, generator=eps_rng))
+        seconds = time.perf_counter() - t0
+
+        metrics = {f"train_{k}": float(np.mean([log[k] for log in logs])) for k in logs[0]}
+        metrics.update(
+            epoch=epoch,
+            started_from_epoch=start_epoch,
+            kl_weight=beta,
+            samples_per_s=steps * cfg.batch_size * world_size / seconds,
+            epoch_seconds=seconds,
+        )
+        state = None
+        if rank == 0:
+            val_metrics = evaluate_elbo(net, val.float().div(255).to(device))
+            metrics.update(val_nelbo=val_metrics["neg_elbo"], val_recon=val_metrics["recon"], val_kl=val_metrics["kl"])
+            print(f"[vae] epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
+        metrics.setdefault("val_nelbo", float("nan"))
+        meta = {"train_config": dataclasses.asdict(cfg), "epoch": epoch, "metrics": metrics}
+
+        def write_files(folder: Path, meta=meta) -> None:
+            save_model(folder / "model.pt", "vae", net.config, net, meta=meta)
+            launcher.save_png(
+                folder / "reconstructions.png", reconstruction_grid(net, val[:8].float().div(255).to(device))
+            )
+            launcher.save_png(folder / "samples.png", prior_grid(net, n=64, seed=cfg.seed))
+
+        launcher.report_epoch(metrics, state, write_files if rank == 0 else None)
