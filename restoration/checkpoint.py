@@ -20,6 +20,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
@@ -293,3 +294,34 @@ def _state_dict_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor]) 
 def _first_few(items: list[str], n: int = 3, quote: bool = True) -> str:
     shown = ", ".join(repr(s) if quote else s for s in items[:n])
     return shown + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def model_source(name_or_path: str) -> str:
+    """Resolve `--model`: a bundled name (restoration/weights/<name>.pt), a local model file, or an s3:// URI."""
+    bundled = WEIGHTS_DIR / f"{name_or_path}.pt"
+    if "/" not in name_or_path and bundled.is_file():
+        return str(bundled)
+    if name_or_path.startswith("s3://") or Path(name_or_path).is_file():
+        return name_or_path
+    names = sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
+    raise ModelFileError(
+        f"model {name_or_path!r} not found: expected a model file path, an s3:// URI, or a bundled name "
+        f"({', '.join(names) or 'none bundled'})"
+    )
+
+
+def model_label(name_or_path: str) -> str:
+    """How outputs name a model: the bundled name or file stem, or the URI for a model on S3."""
+    source = model_source(name_or_path)
+    return source if source.startswith("s3://") else Path(source).stem
+
+
+def load_named(name_or_path: str, expected_kind: str | None = None) -> LoadedModel:
+    """`load_model` for a bundled name, a local path or an s3:// URI."""
+    from restoration import storage
+
+    source = model_source(name_or_path)
+    return load_model(storage.read_bytes(source) if source.startswith("s3://") else source, expected_kind)

@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_restore_arguments(p)
     p.set_defaults(func=_cmd_restore)
 
+    p = sub.add_parser(
+        "synthesize", help="generate images in bulk (GAN/VAE) on Ray Data -> Parquet", description=_doc("synthesize")
+    )
+    add_synthesize_arguments(p)
+    p.set_defaults(func=_cmd_synthesize)
+
     p = sub.add_parser("train", help="train a model with Ray Train (DDP), checkpoints on S3", description=_doc("train"))
     add_train_arguments(p)
     p.set_defaults(func=_cmd_train)
@@ -104,6 +110,71 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="use GPUs (default: if any)")
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse larger images (default 100 MP)")
+
+
+def _pairs(text: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for part in text.split(","):
+        if part.count(":") != 1 or not all(part.split(":")):
+            raise argparse.ArgumentTypeError(f"expected KEY_A:KEY_B[,KEY_A:KEY_B...], got {part!r}")
+        a, b = part.split(":")
+        pairs.append((a, b))
+    return tuple(pairs)
+
+
+def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `restoration synthesize` (shared with the jobs)."""
+    p.add_argument("--model", required=True, help="bundled name (dcgan-fmnist, vae-fmnist), model file or s3:// URI")
+    p.add_argument("--out", required=True, help="output folder or S3 prefix; the run writes OUT/run_id=<id>/")
+    p.add_argument("--mode", choices=["sample", "interpolate", "reconstruct"], default="sample")
+    p.add_argument("--count", type=_positive_int, default=None, help="sample mode: number of images")
+    p.add_argument("--seed", type=int, default=0, help="row i's latent comes from (seed, i) alone")
+    p.add_argument("--run-id", default=None, help="name of the run (default: UTC time + random suffix)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run without duplicates")
+    p.add_argument("--truncation", type=_positive_float, default=None, metavar="PSI", help="GAN truncation ψ")
+    p.add_argument("--inputs", default=None, help="interpolate/reconstruct: input shards or a folder of images")
+    p.add_argument("--pairs", type=_pairs, default=(), help="interpolate: KEY_A:KEY_B[,...] input keys to join")
+    p.add_argument("--random-pairs", type=_positive_int, default=0, metavar="K", help="interpolate: K random pairs")
+    p.add_argument("--steps", type=int, default=8, help="interpolate: images per pair, alpha 0..1 (default 8)")
+    p.add_argument("--slerp", action="store_true", help="interpolate on the sphere instead of a straight line")
+    p.add_argument("--workers", type=_positive_int, default=None, help="generator actors (default: from resources)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default 64)")
+    p.add_argument(
+        "--precision",
+        choices=["float64", "float32", "bf16"],
+        default="float64",
+        help="float64 (default) keeps PNGs byte-identical across batchings; float32/bf16 are faster",
+    )
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="use GPUs (default: if any)")
+    p.add_argument(
+        "--scheduled",
+        action="store_true",
+        help="a scheduled run: run id defaults to today's UTC date, and reruns resume or do nothing",
+    )
+
+
+def synthesize_config(args: argparse.Namespace):
+    from restoration.pipelines.synthesize import SynthesizeConfig
+
+    return SynthesizeConfig(
+        model=args.model,
+        output=args.out,
+        count=args.count or 0,
+        mode=args.mode,
+        seed=args.seed,
+        run_id=args.run_id,
+        resume=args.resume,
+        truncation=args.truncation,
+        inputs=args.inputs,
+        pairs=args.pairs,
+        random_pairs=args.random_pairs,
+        steps=args.steps,
+        slerp=args.slerp,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        gpu=args.gpu,
+    )
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -179,6 +250,10 @@ def _doc(command: str) -> str:
     return {
         "ingest": "Write images as Parquet input shards (key, image bytes, width, height[, label]). Inputs that are "
         "not readable images are listed at the end and in DEST/_errors.parquet.",
+        "synthesize": "Generate images in bulk with a DCGAN or VAE: --mode sample draws --count images (row i from "
+        "(seed, i) alone, so reruns are byte-identical), --mode interpolate walks between the VAE latents of input "
+        "pairs, --mode reconstruct round-trips inputs. Parquet under OUT/run_id=<id>/, then _preview.png and "
+        "_manifest.json.",
         "train": "Train a model with Ray Train: DDP over --workers (GPUs when the cluster has them), data from input "
         "shards, checkpoints under STORAGE/NAME (S3 or local). Starting the same NAME again resumes from its latest "
         "checkpoint; the best checkpoint is exported as STORAGE/NAME/model.pt.",
@@ -209,6 +284,15 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     from restoration.pipelines.restore import run_restore
 
     report = run_restore(restore_config(args))
+    print(report.summary())
+    return 0
+
+
+def _cmd_synthesize(args: argparse.Namespace) -> int:
+    from restoration.pipelines.synthesize import run_synthesize, scheduled_config
+
+    config = synthesize_config(args)
+    report = run_synthesize(scheduled_config(config) if args.scheduled else config)
     print(report.summary())
     return 0
 

@@ -37,3 +37,31 @@ def init_ray(num_cpus: int | None = None) -> None:
         logging_level="WARNING",
         log_to_driver=True,
     )
+
+
+def actor_resources(workers: int | None, gpu: bool | None) -> tuple[int, bool, int, float]:
+    """How to size a pool of model actors on the current cluster.
+
+    Args:
+        workers: actors wanted, or None for the default (one per GPU; on CPUs, one per 2 cores).
+        gpu: True/False forces GPUs on/off; None uses them when the cluster has any.
+
+    Returns:
+        (actors, use_gpu, torch_threads, cpus_per_actor). The actors' CPU reservations always leave at least one
+        core to Ray Data's read, decode and encode tasks: actors holding every CPU would starve the reads that feed
+        them, and the job would wait forever.
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = gpus > 0 if gpu is None else gpu
+    if use_gpu and gpus == 0:
+        raise ValueError("--gpu was given but the Ray cluster has no GPUs")
+    cpus = max(1.0, float(resources.get("CPU", 1)))
+    if use_gpu:
+        return workers or gpus, True, 1, 1.0
+    workers = workers or max(1, int(cpus // 2))
+    threads = max(1, int(cpus // (2 * workers)))
+    reservable = max(cpus - 1.0, cpus / 2)  # keep a core (or half of a tiny cluster) for the data operators
+    return workers, False, threads, min(float(threads), reservable / workers)

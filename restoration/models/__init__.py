@@ -4,10 +4,14 @@
 family is one line here; nothing is discovered by file name.
 """
 
+from restoration.models.dcgan import DCGAN, DCGANConfig
 from restoration.models.restorer import Restorer, RestorerConfig
+from restoration.models.vae import VAE, VAEConfig
 
 MODELS: dict[str, tuple[type, type]] = {
     "restorer": (RestorerConfig, Restorer),
+    "dcgan": (DCGANConfig, DCGAN),
+    "vae": (VAEConfig, VAE),
 }
 
 __all__ = ["MODELS", "Restorer", "RestorerConfig"]

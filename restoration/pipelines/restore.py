@@ -21,7 +21,6 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -29,8 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from restoration import codec, data, degrade, metrics, storage
-
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+from restoration.checkpoint import model_label
 
 # Between stages a row carries its pixels as raw float32 bytes (H, W, C) — Arrow binary, no pickling, no copies
 # beyond the one into the numpy view.
@@ -104,27 +102,11 @@ class RestoreConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------- models
-def model_source(name_or_path: str) -> str:
-    """Resolve `--model`: a bundled model name (restoration/weights/<name>.pt), a local file, or an s3:// URI."""
-    bundled = WEIGHTS_DIR / f"{name_or_path}.pt"
-    if "/" not in name_or_path and bundled.is_file():
-        return str(bundled)
-    if storage.is_s3(name_or_path) or Path(name_or_path).is_file():
-        return name_or_path
-    names = sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
-    raise ValueError(
-        f"model {name_or_path!r} not found: expected a model file path, an s3:// URI, or a bundled name "
-        f"({', '.join(names) or 'none bundled'})"
-    )
-
-
 def load_restorer(name_or_path: str):
-    """Load a restorer model file by name, path or URI (never executing pickled code)."""
-    from restoration.checkpoint import load_model
+    """Load a restorer model file by bundled name, path or URI (never executing pickled code)."""
+    from restoration.checkpoint import load_named
 
-    source = model_source(name_or_path)
-    payload = storage.read_bytes(source) if storage.is_s3(source) else source
-    return load_model(payload, expected_kind="restorer")
+    return load_named(name_or_path, expected_kind="restorer")
 
 
 # ----------------------------------------------------------------------------------------------------------- stages
@@ -368,15 +350,16 @@ def default_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def read_output(uri: str, columns: list[str]) -> pa.Table:
-    """Read columns of a run's Parquet files (all files of the run folder, markers excluded)."""
+def read_output(uri: str, columns: list[str], schema: pa.Schema = OUTPUT_SCHEMA) -> pa.Table:
+    """Read columns of a run's Parquet files (all files of the run folder, markers excluded); an empty table with
+    the columns of `schema` when the run has written nothing yet."""
     fs, root = storage.resolve(uri)
-    if fs.get_file_info(root).type.name == "NotFound":
-        return pa.table({c: pa.array([], OUTPUT_SCHEMA.field(c).type) for c in columns})
-    files = [i.path for i in storage.list_files(uri) if i.path.endswith(".parquet")]
+    files = []
+    if fs.get_file_info(root).type.name != "NotFound":
+        files = [i.path for i in storage.list_files(uri) if i.path.endswith(".parquet")]
     tables = [pq.read_table(f, filesystem=fs, columns=columns) for f in files]
     if not tables:
-        return pa.table({c: pa.array([], OUTPUT_SCHEMA.field(c).type) for c in columns})
+        return pa.table({c: pa.array([], schema.field(c).type) for c in columns})
     return pa.concat_tables(tables)
 
 
@@ -388,7 +371,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     """
     import ray
 
-    from restoration.cluster import init_ray
+    from restoration.cluster import actor_resources, init_ray
 
     t_start = time.perf_counter()
     loaded = load_restorer(config.model)  # fail fast on a bad model, before Ray starts
@@ -410,7 +393,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     if done:
         done_ref = ray.put(done)
         ds = ds.filter(lambda row, d=done_ref: row["key"] not in ray.get(d))  # noqa: B008
-    workers, use_gpu, cpus_per_actor = _resources(config)
+    workers, use_gpu, threads, actor_cpus = actor_resources(config.workers, config.gpu)
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"degradation": config.degrade, "seed": config.seed, "max_pixels": config.max_pixels},
@@ -423,15 +406,15 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
             "model": config.model,
             "tile": config.tile,
             "overlap": config.overlap,
-            "threads": cpus_per_actor,
+            "threads": threads,
         },
         compute=ray.data.ActorPoolStrategy(size=workers),
         batch_format="pyarrow",
         batch_size=config.batch_size,
-        num_cpus=cpus_per_actor if not use_gpu else 1,
+        num_cpus=actor_cpus,
         num_gpus=1 if use_gpu else 0,
     )
-    model_name = Path(model_source(config.model)).stem if not storage.is_s3(config.model) else config.model
+    model_name = model_label(config.model)
     ds = ds.map_batches(
         encode_batch,
         fn_kwargs={"model": model_name, "model_sha256": loaded.sha256, "run_id": run_id},
@@ -483,20 +466,3 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     )
     storage.write_bytes(storage.join(out_uri, "_manifest.json"), json.dumps(asdict(report), indent=2).encode())
     return report
-
-
-def _resources(config: RestoreConfig) -> tuple[int, bool, int]:
-    """(actors, use GPU, CPUs per actor) from the cluster's resources and the config."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    use_gpu = gpus > 0 if config.gpu is None else config.gpu
-    if use_gpu and gpus == 0:
-        raise ValueError("--gpu was given but the Ray cluster has no GPUs")
-    cpus = max(1, int(resources.get("CPU", 1)))
-    if use_gpu:
-        return config.workers or gpus, True, 1
-    workers = config.workers or max(1, cpus // 2)
-    # Leave about half the cores to decoding and encoding so the model actor never starves.
-    return workers, False, max(1, cpus // (2 * workers)) if cpus >= 2 * workers else 1

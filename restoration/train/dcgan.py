@@ -114,7 +114,9 @@ def train_loop_per_worker(config: dict) -> None:
             # Update D, then G (both inside gan_step), then the EMA copy of G.
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logs.append(gan_step(generator, discriminator, opt_g, opt_d, real, cfg.latent_dim, z_rng))
-            ema_update(ema, model.generator, cfg.ema_decay)
+            # EMA decay warms up (min(decay, (1 + t) / (10 + t))) so early samples are not just the initial weights.
+            t = epoch * steps + step
+            ema_update(ema, model.generator, min(cfg.ema_decay, (1 + t) / (10 + t)))
         seconds = time.perf_counter() - t0
 
         metrics = {k: float(np.mean([log[k] for log in logs])) for k in logs[0]}

@@ -1,0 +1,247 @@
+"""Convolutional variational autoencoder.
+
+D. P. Kingma, M. Welling, "Auto-Encoding Variational Bayes", ICLR 2014 (arXiv:1312.6114). An encoder q(z|x) =
+N(mu(x), diag(exp(logvar(x)))) and a decoder p(x|z) are trained together by maximising the evidence lower bound
+
+    ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || N(0, I)),
+
+with the expectation estimated by one reparameterised sample z = mu + exp(logvar / 2) * eps, eps ~ N(0, I), and the
+KL term in closed form (the paper's Appendix B). `beta` weights the KL term as in I. Higgins et al., "beta-VAE:
+Learning Basic Visual Concepts with a Constrained Variational Framework", ICLR 2017; beta = 1 is the plain ELBO.
+
+Likelihoods p(x|z) over pixels in [0, 1]:
+- "bernoulli": the decoder outputs logits and the reconstruction term is the binary cross-entropy summed over pixels,
+  as the paper does for MNIST (grey levels act as soft targets, the usual practice for non-binarised images).
+- "gaussian": the decoder outputs means and p(x|z) = N(mean, GAUSSIAN_SIGMA^2) per pixel with a fixed variance.
+
+The nets use no normalisation layers, so an image depends only on its own z: a sample is the same whichever batch
+it was drawn in, which is what makes seeded synthesis reproducible across worker counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+# Number of stride-2 stages and the spatial side they reach: 28 -> 14 -> 7; 32 -> 16 -> 8 -> 4; 64 -> ... -> 4.
+LAYOUTS = {28: (2, 7), 32: (3, 4), 64: (4, 4)}
+# Fixed standard deviation of the "gaussian" likelihood on the [0, 1] pixel scale. 0.1 (about 25 grey levels) makes
+# the reconstruction term 50 x (squared error) per pixel, strong enough against the KL term to avoid posterior
+# collapse without the near-deterministic autoencoder that a tiny sigma gives.
+GAUSSIAN_SIGMA = 0.1
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    image_size: int = 28  # 28, 32 or 64
+    channels: int = 1  # 1 (gray) or 3 (RGB)
+    latent_dim: int = 16  # dimensions of z
+    width: int = 32  # channels of the first conv; each stride-2 stage doubles them
+    likelihood: str = "bernoulli"  # "bernoulli" (decoder outputs logits) or "gaussian" (decoder outputs means)
+    beta: float = 1.0  # weight of the KL term (beta-VAE when != 1)
+
+    def __post_init__(self) -> None:
+        if self.image_size not in LAYOUTS:
+            raise ValueError(
+                f"VAEConfig.image_size={self.image_size!r}: expected one of {', '.join(map(str, LAYOUTS))}"
+            )
+        if self.channels not in (1, 3):
+            raise ValueError(f"VAEConfig.channels={self.channels!r}: expected 1 (gray) or 3 (RGB)")
+        for name in ("latent_dim", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"VAEConfig.{name}={value!r}: expected an int >= 1")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"VAEConfig.likelihood={self.likelihood!r}: expected one of {', '.join(LIKELIHOODS)}")
+        beta = self.beta
+        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not (0 <= beta < math.inf):
+            raise ValueError(f"VAEConfig.beta={beta!r}: expected a finite number >= 0")
+
+
+def stage_widths(config: VAEConfig) -> list[int]:
+    """Channels after each stride-2 encoder stage: width, 2 width, 4 width, ... (the decoder mirrors them)."""
+    stages, _ = LAYOUTS[config.image_size]
+    return [config.width * 2**i for i in range(stages)]
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Draw z ~ N(mu, exp(logvar)) as mu + exp(logvar / 2) * eps, differentiable in mu and logvar.
+
+    Args:
+        mu, logvar: (B, D) posterior means and log-variances.
+        generator: source of eps. eps is drawn on the generator's device and moved to mu's, so a CPU generator gives
+            the same z on any device; None uses the global generator of mu's device.
+    Returns:
+        (B, D) samples.
+    """
+    device = mu.device if generator is None else generator.device
+    eps = torch.randn(mu.shape, generator=generator, device=device, dtype=mu.dtype).to(mu.device)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)) in closed form (Kingma & Welling 2014, Appendix B).
+
+    Args:
+        mu, logvar: (B, D).
+    Returns:
+        (B,) -0.5 * sum_d (1 + logvar - mu^2 - exp(logvar)), in nats.
+    """
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+
+
+def reconstruction_nll(x: Tensor, recon: Tensor, likelihood: str) -> Tensor:
+    """-log p(x|z) per example, summed over every pixel and channel.
+
+    Args:
+        x: (B, C, H, W) targets in [0, 1].
+        recon: (B, C, H, W) decoder output: logits ("bernoulli") or means ("gaussian").
+        likelihood: "bernoulli" or "gaussian".
+    Returns:
+        (B,) negative log-likelihoods in nats.
+    """
+    if likelihood == "bernoulli":
+        # -[x log sigmoid(l) + (1 - x) log(1 - sigmoid(l))], computed stably from the logits l.
+        nll = F.binary_cross_entropy_with_logits(recon, x, reduction="none")
+    elif likelihood == "gaussian":
+        # -log N(x; mean, s^2) = (x - mean)^2 / (2 s^2) + log(2 pi s^2) / 2; the constant keeps it a true NLL.
+        s2 = GAUSSIAN_SIGMA**2
+        nll = 0.5 * (x - recon).pow(2) / s2 + 0.5 * math.log(2 * math.pi * s2)
+    else:
+        raise ValueError(f"likelihood={likelihood!r}: expected one of {', '.join(LIKELIHOODS)}")
+    return nll.flatten(1).sum(dim=1)
+
+
+def elbo_loss(
+    x: Tensor, recon: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, beta: float = 1.0
+) -> dict[str, Tensor]:
+    """The negative (beta-weighted) ELBO, averaged over the batch.
+
+    Args:
+        x: (B, C, H, W) targets in [0, 1].
+        recon: (B, C, H, W) decoder output for a sample of q(z|x): logits or means, see `reconstruction_nll`.
+        mu, logvar: (B, D) the posterior q(z|x).
+        likelihood: "bernoulli" or "gaussian".
+        beta: weight of the KL term.
+    Returns:
+        {"loss": mean of (recon_nll + beta * kl), "recon": mean recon_nll, "kl": mean kl}, scalar tensors in nats
+        per image; "loss" carries the gradient.
+    """
+    if x.shape != recon.shape:
+        raise ValueError(f"x has shape {tuple(x.shape)} but recon has {tuple(recon.shape)}; expected equal shapes")
+    recon_nll = reconstruction_nll(x, recon, likelihood)  # (B,)
+    kl = kl_divergence(mu, logvar)  # (B,)
+    return {"loss": (recon_nll + beta * kl).mean(), "recon": recon_nll.mean(), "kl": kl.mean()}
+
+
+class Encoder(nn.Module):
+    """x (B, C, S, S) in [0, 1] -> (mu, logvar), each (B, latent_dim): stride-2 4x4 convs, then one linear layer."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        _, side = LAYOUTS[config.image_size]
+        layers, in_channels = [], config.channels
+        for out_channels in stage_widths(config):
+            # k=4, s=2, p=1 halves the side exactly: (S + 2 - 4) / 2 + 1 = S / 2.
+            layers += [nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1), nn.ReLU()]
+            in_channels = out_channels
+        self.convs = nn.Sequential(*layers)
+        self.head = nn.Linear(in_channels * side * side, 2 * config.latent_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        c, s = self.config.channels, self.config.image_size
+        if x.ndim != 4 or tuple(x.shape[1:]) != (c, s, s):
+            raise ValueError(f"VAE expects input of shape (B, {c}, {s}, {s}), got {tuple(x.shape)}")
+        h = self.convs(x)  # (B, width * 2^(stages-1), side, side)
+        mu, logvar = self.head(h.flatten(1)).chunk(2, dim=1)  # (B, D), (B, D)
+        return mu, logvar
+
+
+class Decoder(nn.Module):
+    """z (B, latent_dim) -> (B, C, S, S) logits or means: one linear layer, then stride-2 4x4 transposed convs."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        _, self.side = LAYOUTS[config.image_size]
+        widths = stage_widths(config)[::-1]  # e.g. [4w, 2w, w] for 32
+        self.top = widths[0]
+        self.project = nn.Linear(config.latent_dim, self.top * self.side * self.side)
+        layers = []
+        for in_channels, out_channels in zip(widths, widths[1:] + [config.channels], strict=True):
+            # k=4, s=2, p=1 doubles the side exactly: (S - 1) * 2 - 2 + 4 = 2 S.
+            layers += [nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1), nn.ReLU()]
+        self.deconvs = nn.Sequential(*layers[:-1])  # no ReLU after the last layer: it outputs logits or means
+
+    def forward(self, z: Tensor) -> Tensor:
+        d = self.config.latent_dim
+        if z.ndim != 2 or z.shape[1] != d:
+            raise ValueError(f"VAE decoder expects z of shape (B, {d}), got {tuple(z.shape)}")
+        h = F.relu(self.project(z)).view(-1, self.top, self.side, self.side)  # (B, top, side, side)
+        return self.deconvs(h)  # (B, C, S, S)
+
+
+class VAE(nn.Module):
+    """Convolutional VAE with a diagonal Gaussian posterior and a standard normal prior."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        if not isinstance(config, VAEConfig):
+            raise TypeError(f"VAE expects a VAEConfig, got {type(config).__name__}")
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Encode, draw z, decode: what the ELBO needs.
+
+        In training mode z is a reparameterised sample of q(z|x) (drawn with `generator`); in eval mode z = mu, so
+        eval-mode outputs are deterministic (`evaluate_elbo` samples explicitly instead of relying on this).
+
+        Args:
+            x: (B, C, S, S) images in [0, 1].
+            generator: source of the posterior sample in training mode.
+        Returns:
+            (recon, mu, logvar): (B, C, S, S) logits ("bernoulli") or means ("gaussian"), and (B, D) twice.
+        """
+        mu, logvar = self.encoder(x)  # (B, D), (B, D)
+        z = reparameterize(mu, logvar, generator) if self.training else mu  # (B, D)
+        return self.decoder(z), mu, logvar
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, S, S) images in [0, 1] -> (mu, logvar), each (B, D)."""
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """(B, D) latents -> (B, C, S, S) images in [0, 1]: the mean of p(x|z)."""
+        out = self.decoder(z)
+        # The mean of a Bernoulli is sigmoid(logit); a Gaussian mean is unbounded, so clamp it to the pixel range.
+        return torch.sigmoid(out) if self.config.likelihood == "bernoulli" else out.clamp(0, 1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw n images from the model: z ~ N(0, I), then `decode`.
+
+        Args:
+            n: number of images (>= 0).
+            generator: source of z, drawn on the generator's device and moved to the model's, so a CPU generator
+                gives the same latents on any device; None uses the global generator of the model's device.
+        Returns:
+            (n, C, S, S) images in [0, 1] on the model's device.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"n={n!r}: expected an int >= 0")
+        weight = self.decoder.project.weight
+        device = weight.device if generator is None else generator.device
+        z = torch.randn((n, self.config.latent_dim), generator=generator, device=device, dtype=weight.dtype)
+        return self.decode(z.to(weight.device))  # (n, C, S, S)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Deterministic reconstruction decode(mu(x)): (B, C, S, S) in [0, 1] -> (B, C, S, S) in [0, 1]."""
+        mu, _ = self.encoder(x)
+        return self.decode(mu)

@@ -1,0 +1,428 @@
+"""The synthesis pipeline: items → generator actors (GAN / VAE) → PNG → Parquet under OUT/run_id=<id>/.
+
+    sample:       range(N) → z_i from a generator seeded by (seed, i) alone → G(z_i) or decode(z_i)
+    interpolate:  pairs of input images → VAE encode (μ) → lerp/slerp at T alphas → decode
+    reconstruct:  input images → VAE encode (μ) → decode
+
+Reproducible by construction: row i's latent depends only on (seed, i), and the generator runs in float64 on the CPU
+(bf16/float32 on GPUs is opt-in), so the same model, seed and index give byte-identical PNGs whatever the batch
+size, the number of workers or retries — float32 convolutions differ in the last bits between batch sizes, which
+is enough to flip a rounded pixel now and then. Counts scale to millions: rows stream through Ray Data and nothing
+collects them on the driver; the run's `_preview.png` (the first 64 images) and `_manifest.json` come last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from PIL import Image
+
+from restoration import codec, degrade, storage
+from restoration.checkpoint import ModelFileError, load_named, model_label
+from restoration.pipelines.restore import default_run_id, read_output, run_dir
+
+MODES = ("sample", "interpolate", "reconstruct")
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("index", pa.int64()),
+        ("seed", pa.int64()),
+        ("model", pa.string()),
+        ("model_sha256", pa.string()),
+        ("image", pa.binary()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("source_keys", pa.list_(pa.string())),
+        ("alpha", pa.float64()),
+        ("run_id", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+# What the actors receive: one row per output image (sample) or per input item (interpolate, reconstruct).
+ITEM_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),  # first output index of the item
+        ("source_keys", pa.list_(pa.string())),
+        ("sources", pa.list_(pa.binary())),  # encoded input images (interpolate: 2, reconstruct: 1)
+    ]
+)
+
+
+# The fields that decide which images a run holds (not how it was scheduled): a finished run with the same ones is
+# left untouched by a rerun.
+_WORK_FIELDS = ("mode", "count", "seed", "truncation", "inputs", "pairs", "random_pairs", "steps", "slerp", "precision")
+
+
+@dataclass(frozen=True)
+class SynthesizeConfig:
+    model: str
+    output: str
+    count: int = 0  # sample mode: number of images
+    mode: str = "sample"
+    seed: int = 0
+    run_id: str | None = None
+    resume: bool = False
+    truncation: float | None = None  # GAN truncation ψ (sample mode)
+    inputs: str | None = None  # interpolate / reconstruct: input shards or image folder
+    pairs: tuple[tuple[str, str], ...] = ()  # interpolate: explicit (key_a, key_b) pairs ...
+    random_pairs: int = 0  # ... or this many pairs drawn from the inputs with `seed`
+    steps: int = 8  # interpolate: images per pair (alpha = 0 ... 1)
+    slerp: bool = False
+    workers: int | None = None
+    batch_size: int = 64
+    precision: str = "float64"  # float64 (reproducible across batchings), float32, bf16 (GPU)
+    gpu: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "sample" and self.count < 1:
+            raise ValueError(f"--count must be >= 1, got {self.count}")
+        if self.mode != "sample" and not self.inputs:
+            raise ValueError(f"--mode {self.mode} needs --inputs (input shards or a folder of images)")
+        if self.mode == "interpolate" and not self.pairs and self.random_pairs < 1:
+            raise ValueError("--mode interpolate needs --pairs A:B,... or --random-pairs K (K >= 1)")
+        if self.steps < 2:
+            raise ValueError(f"--steps must be >= 2 (alpha 0 and 1 at least), got {self.steps}")
+        if self.truncation is not None and not (self.truncation > 0 and math.isfinite(self.truncation)):
+            raise ValueError(f"--truncation must be a number > 0, got {self.truncation}")
+        if self.batch_size < 1 or (self.workers is not None and self.workers < 1):
+            raise ValueError("--batch-size and --workers must be >= 1")
+        if self.precision not in ("float64", "float32", "bf16"):
+            raise ValueError(f"--precision must be float64, float32 or bf16, got {self.precision!r}")
+
+
+def load_generator(name_or_path: str, mode: str):
+    """Load a dcgan or vae model file; interpolate/reconstruct need a VAE."""
+    loaded = load_named(name_or_path)
+    if loaded.kind not in ("dcgan", "vae"):
+        raise ModelFileError(f"{name_or_path} holds a {loaded.kind} model, expected a dcgan or vae for synthesis")
+    if mode != "sample" and loaded.kind != "vae":
+        raise ModelFileError(f"--mode {mode} needs a vae model; {name_or_path} holds a {loaded.kind}")
+    return loaded
+
+
+def latent_for(seed: int, index: int, latent_dim: int, truncation: float | None = None):
+    """Row `index`'s latent: drawn from a generator seeded by (seed, index) alone. Returns a (latent_dim,) tensor."""
+    import torch
+
+    from restoration.models.dcgan import sample_latent
+
+    rng = torch.Generator().manual_seed(degrade.seed_for(seed, f"latent/{index}"))
+    return sample_latent(1, latent_dim, generator=rng, truncation=truncation)[0]
+
+
+def slerp(a, b, alpha: float):
+    """Spherical interpolation between latents (Shoemake 1985); falls back to lerp for nearly parallel vectors."""
+    import torch
+
+    omega = torch.arccos(torch.clamp(torch.dot(a / a.norm(), b / b.norm()), -1.0, 1.0))
+    if omega.abs() < 1e-6:
+        return (1 - alpha) * a + alpha * b
+    return (torch.sin((1 - alpha) * omega) * a + torch.sin(alpha * omega) * b) / torch.sin(omega)
+
+
+class GeneratorActor:
+    """Holds one generator on its device; maps a batch of items to output rows (PNG-encoded)."""
+
+    def __init__(self, config: SynthesizeConfig, run_id: str, threads: int | None = None) -> None:
+        import torch
+
+        from restoration.device import default_device
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.config, self.run_id = config, run_id
+        self.loaded = load_generator(config.model, config.mode)
+        self.device = default_device()
+        self.dtype = {"float64": torch.float64, "float32": torch.float32, "bf16": torch.float32}[config.precision]
+        self.module = self.loaded.module.to(self.device, self.dtype).eval()
+        self.name = model_label(config.model)
+
+    def __call__(self, items: pa.Table) -> pa.Table:
+        import torch
+
+        rows: list[dict] = []
+        with torch.inference_mode():
+            if self.config.mode == "sample":
+                self._sample(items.column("index").to_pylist(), rows)
+            else:
+                for item in items.to_pylist():
+                    self._from_inputs(item, rows)
+        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+
+    # ------------------------------------------------------------------------------------------------ modes
+    def _sample(self, indices: list[int], rows: list[dict]) -> None:
+        import torch
+
+        latent_dim = self.loaded.config.latent_dim
+        z = torch.stack([latent_for(self.config.seed, i, latent_dim, self.config.truncation) for i in indices])
+        images = self._decode(z)  # (B, C, S, S) in [0, 1]
+        for i, image in zip(indices, images, strict=True):
+            rows.append(self._row(i, image, source_keys=None, alpha=None))
+
+    def _from_inputs(self, item: dict, rows: list[dict]) -> None:
+        import torch
+
+        keys, index = item["source_keys"], item["index"]
+        try:
+            x = torch.stack([self._to_tensor(codec.decode(data).pixels) for data in item["sources"]])
+        except (codec.DecodeError, ValueError) as e:
+            n = self.config.steps if self.config.mode == "interpolate" else 1
+            for t in range(n):
+                rows.append(self._error_row(index + t, keys, f"decode: {e}"))
+            return
+        mu, _ = self.module.encode(x.to(self.device, self.dtype))  # (k, D)
+        if self.config.mode == "reconstruct":
+            rows.append(self._row(index, self._decode(mu)[0], source_keys=keys, alpha=None))
+            return
+        alphas = np.linspace(0.0, 1.0, self.config.steps)
+        mix = slerp if self.config.slerp else (lambda a, b, t: (1 - t) * a + t * b)
+        z = torch.stack([mix(mu[0], mu[1], float(a)) for a in alphas])
+        for t, (alpha, image) in enumerate(zip(alphas, self._decode(z), strict=True)):
+            rows.append(self._row(index + t, image, source_keys=keys, alpha=float(alpha)))
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _decode(self, z):
+        import torch
+
+        z = z.to(self.device, self.dtype)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            if self.loaded.kind == "dcgan":
+                return self.module.generator(z).float().add(1).div(2).clamp(0, 1)
+            return self.module.decode(z).float().clamp(0, 1)
+
+    def _to_tensor(self, pixels: np.ndarray):
+        """(H, W, C) float in [0, 1] -> (C, S, S) at the VAE's size and channels."""
+        import torch
+        import torch.nn.functional as F
+
+        cfg = self.loaded.config
+        x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (C, H, W)
+        if x.shape[0] != cfg.channels:
+            x = x.mean(0, keepdim=True) if cfg.channels == 1 else x.expand(3, -1, -1)
+        if x.shape[1:] != (cfg.image_size, cfg.image_size):
+            x = F.interpolate(x[None], size=(cfg.image_size, cfg.image_size), mode="area")[0]
+        return x
+
+    def _row(self, index: int, image, source_keys, alpha) -> dict:
+        pixels = image.permute(1, 2, 0).cpu().numpy()  # (S, S, C)
+        return {
+            "key": f"{self.run_id}/{index:012d}",
+            "index": index,
+            "seed": self.config.seed,
+            "model": self.name,
+            "model_sha256": self.loaded.sha256,
+            "image": codec.encode_png(pixels),
+            "width": pixels.shape[1],
+            "height": pixels.shape[0],
+            "source_keys": source_keys,
+            "alpha": alpha,
+            "run_id": self.run_id,
+            "error": None,
+        }
+
+    def _error_row(self, index: int, keys, error: str) -> dict:
+        return {
+            "key": f"{self.run_id}/{index:012d}",
+            "index": index,
+            "seed": self.config.seed,
+            "model": self.name,
+            "model_sha256": self.loaded.sha256,
+            "source_keys": keys,
+            "run_id": self.run_id,
+            "error": error,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------- runs
+@dataclass
+class SynthesizeReport:
+    run_id: str
+    output: str
+    mode: str
+    requested: int
+    rows_out: int
+    errors: int
+    errors_by_stage: dict[str, int]
+    skipped_resumed: int
+    duplicates: int
+    seconds: float
+    images_per_s: float
+    model: str = ""
+    model_sha256: str = ""
+    complete: bool = False
+    config: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (
+            f"synthesized {self.rows_out - self.errors} images ({self.errors} errors) of {self.requested} "
+            f"in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s) -> {self.output}"
+        )
+
+
+def _items(config: SynthesizeConfig) -> tuple[list[dict], int]:
+    """Input items for interpolate/reconstruct (small: pairs or inputs, with their encoded bytes) and output count."""
+    import pyarrow.parquet as pq
+
+    from restoration.data import input_files
+
+    kind, files = input_files(config.inputs)
+    fs, root = storage.resolve(config.inputs)
+    if kind == "parquet":
+        table = pa.concat_tables(pq.read_table(f, filesystem=fs, columns=["key", "image"]) for f in files)
+        by_key = dict(zip(table.column("key").to_pylist(), table.column("image").to_pylist(), strict=True))
+    else:
+        by_key = {}
+        for path in files:
+            with fs.open_input_stream(path) as f:
+                by_key[path[len(root) + 1 :]] = f.read()
+    keys = sorted(by_key)
+    if config.mode == "reconstruct":
+        return [{"index": i, "source_keys": [k], "sources": [by_key[k]]} for i, k in enumerate(keys)], len(keys)
+    pairs = list(config.pairs)
+    missing = [k for pair in pairs for k in pair if k not in by_key]
+    if missing:
+        raise ValueError(f"--pairs names keys not in {config.inputs}: {', '.join(missing[:5])}")
+    if config.random_pairs:
+        if len(keys) < 2:
+            raise ValueError(f"--random-pairs needs at least 2 input images, {config.inputs} has {len(keys)}")
+        rng = np.random.default_rng(config.seed)
+        pairs += [tuple(keys[j] for j in rng.choice(len(keys), 2, replace=False)) for _ in range(config.random_pairs)]
+    items = [
+        {"index": p * config.steps, "source_keys": list(pair), "sources": [by_key[pair[0]], by_key[pair[1]]]}
+        for p, pair in enumerate(pairs)
+    ]
+    return items, len(pairs) * config.steps
+
+
+def scheduled_config(config: SynthesizeConfig) -> SynthesizeConfig:
+    """The config of a scheduled run: run id = today's UTC date unless given, always resumable, so a rerun of a
+    finished run changes nothing and a rerun of an interrupted one completes it."""
+    run_id = config.run_id or datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    return dataclasses.replace(config, run_id=run_id, resume=True)
+
+
+def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
+    """Run a synthesis job on the current Ray cluster (a local one when none is configured).
+
+    Returns:
+        The report, also written as OUT/run_id=<id>/_manifest.json after every Parquet file and the preview.
+    """
+    import ray
+
+    from restoration.cluster import actor_resources, init_ray
+
+    t0 = time.perf_counter()
+    loaded = load_generator(config.model, config.mode)  # fail fast, before Ray starts
+    run_id = config.run_id or default_run_id()
+    out_uri = run_dir(config.output, run_id)
+    storage.ensure_bucket(config.output)
+    if config.resume and storage.exists(storage.join(out_uri, "_manifest.json")):
+        manifest = json.loads(storage.read_bytes(storage.join(out_uri, "_manifest.json")))
+        wanted = json.loads(json.dumps(asdict(config)))
+        same_work = manifest["model_sha256"] == loaded.sha256 and all(
+            manifest["config"].get(k) == wanted[k] for k in _WORK_FIELDS
+        )
+        if manifest.get("complete") and same_work:  # a finished run: change nothing
+            return SynthesizeReport(**{k: v for k, v in manifest.items() if k in SynthesizeReport.__dataclass_fields__})
+    done: set[int] = set()
+    if config.resume:
+        done = set(read_output(out_uri, ["index"], OUTPUT_SCHEMA).column("index").to_pylist())
+    elif storage.exists(out_uri):
+        raise ValueError(f"{out_uri} already exists: pass --resume to finish that run, or choose another --run-id")
+
+    init_ray()
+    workers, use_gpu, threads, actor_cpus = actor_resources(config.workers, config.gpu)
+    if config.mode == "sample":
+        requested = config.count
+        ds = ray.data.range(config.count, override_num_blocks=max(1, min(1000, config.count // 4096 + workers)))
+        ds = ds.map_batches(lambda t: pa.table({"index": t["id"]}), batch_format="pyarrow")
+        if done:
+            done_ref = ray.put(np.fromiter(done, dtype=np.int64))
+            ds = ds.map_batches(_drop_done, fn_kwargs={"done": done_ref}, batch_format="pyarrow")
+    else:
+        items, requested = _items(config)
+        items = [it for it in items if it["index"] not in done]
+        ds = ray.data.from_arrow(pa.Table.from_pylist(items, schema=ITEM_SCHEMA)) if items else None
+    if ds is not None:
+        ds = ds.map_batches(
+            GeneratorActor,
+            fn_constructor_kwargs={"config": config, "run_id": run_id, "threads": threads},
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            batch_size=config.batch_size if config.mode == "sample" else max(1, config.batch_size // config.steps),
+            batch_format="pyarrow",
+            num_cpus=actor_cpus,
+            num_gpus=1 if use_gpu else 0,
+        )
+        out_fs, out_path = storage.resolve(out_uri)
+        ds.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=4096)
+    seconds = time.perf_counter() - t0
+
+    written = read_output(out_uri, ["index", "error"], OUTPUT_SCHEMA)
+    indices = written.column("index").to_numpy()
+    errors = [e for e in written.column("error").to_pylist() if e is not None]
+    _write_preview(out_uri)
+    report = SynthesizeReport(
+        run_id=run_id,
+        output=out_uri,
+        mode=config.mode,
+        requested=requested,
+        rows_out=written.num_rows,
+        errors=len(errors),
+        errors_by_stage=dict(Counter(e.split(":", 1)[0] for e in errors)),
+        skipped_resumed=len(done),
+        duplicates=int(written.num_rows - len(np.unique(indices))),
+        seconds=seconds,
+        images_per_s=(requested - len(done)) / seconds if seconds else 0.0,
+        model=model_label(config.model),
+        model_sha256=loaded.sha256,
+        complete=written.num_rows == requested,
+        config=asdict(config) | {"run_id": run_id, "workers": workers, "gpu": use_gpu},
+    )
+    manifest = asdict(report) | {"written_at": datetime.now(timezone.utc).isoformat()}
+    storage.write_bytes(storage.join(out_uri, "_manifest.json"), json.dumps(manifest, indent=2).encode())
+    return report
+
+
+def _drop_done(batch: pa.Table, done) -> pa.Table:
+    import ray
+
+    done_ids = ray.get(done) if isinstance(done, ray.ObjectRef) else done
+    return batch.filter(pc.invert(pc.is_in(batch.column("index"), value_set=pa.array(done_ids))))
+
+
+def _write_preview(out_uri: str, n: int = 64) -> None:
+    """`_preview.png`: the first n images of the run by index, in a grid."""
+    import torch
+
+    from restoration.train.gan_core import image_grid
+
+    fs, root = storage.resolve(out_uri)
+    files = [i.path for i in storage.list_files(out_uri) if i.path.endswith(".parquet")]
+    if not files:
+        return
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    table = dataset.to_table(columns=["index", "image"], filter=(pc.field("index") < n) & pc.field("image").is_valid())
+    if table.num_rows == 0:
+        return
+    table = table.sort_by("index")
+    images = [codec.decode(b).pixels for b in table.column("image").to_pylist()]
+    channels = max(im.shape[2] for im in images)
+    tensor = torch.stack(
+        [torch.from_numpy(np.repeat(im, channels // im.shape[2], axis=2)).permute(2, 0, 1) for im in images]
+    )
+    buf = io.BytesIO()
+    Image.fromarray(image_grid(tensor, nrow=8)).save(buf, format="PNG")
+    storage.write_bytes(storage.join(out_uri, "_preview.png"), buf.getvalue())
