@@ -34,3 +34,6 @@ def test_demo_ingests_restores_and_writes_a_contact_sheet(tmp_path):
     assert table.num_rows == n and table.column("error").null_count == n
     sheet = Image.open(tmp_path / "contact_sheet.png")
     assert sheet.mode == "RGB" and sheet.width > 600 and sheet.height > 600
+    for generator in ("dcgan-fmnist", "vae-fmnist"):
+        assert "synthesized 64 images (0 errors) of 64" in proc.stdout
+        assert Image.open(tmp_path / f"{generator}_samples.png").width >= 8 * 28

@@ -60,7 +60,11 @@ class TrainReport:
 
     def summary(self) -> str:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items() if isinstance(v, float))
-        return f"trained {self.kind} run {self.name!r}: {len(self.epochs)} epochs in {self.seconds:.0f} s; {shown}; model: {self.model_path}"
+        best = self.metrics.get("epoch")
+        return (
+            f"trained {self.kind} run {self.name!r} in {self.seconds:.0f} s; best checkpoint: epoch {best} ({shown}); "
+            f"model: {self.model_path}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- worker helpers
