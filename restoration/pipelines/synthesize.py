@@ -181,7 +181,7 @@ class GeneratorActor:
         except (codec.DecodeError, ValueError) as e:
             n = self.config.steps if self.config.mode == "interpolate" else 1
             for t in range(n):
-                rows.append(self._error_row(index + t, keys, f"decode: {e}"))
+                rows.append(self._row(index + t, None, keys, None, error=f"decode: {e}"))
             return
         mu, _ = self.module.encode(x.to(self.device, self.dtype))  # (k, D)
         if self.config.mode == "reconstruct":
@@ -216,34 +216,23 @@ class GeneratorActor:
             x = F.interpolate(x[None], size=(cfg.image_size, cfg.image_size), mode="area")[0]
         return x
 
-    def _row(self, index: int, image, source_keys, alpha) -> dict:
-        pixels = image.permute(1, 2, 0).cpu().numpy()  # (S, S, C)
-        return {
+    def _row(self, index: int, image, source_keys, alpha, error: str | None = None) -> dict:
+        """One output row; `image` is a (C, S, S) tensor in [0, 1], or None for an error row."""
+        row = {
             "key": f"{self.run_id}/{index:012d}",
             "index": index,
             "seed": self.config.seed,
             "model": self.name,
             "model_sha256": self.loaded.sha256,
-            "image": codec.encode_png(pixels),
-            "width": pixels.shape[1],
-            "height": pixels.shape[0],
             "source_keys": source_keys,
             "alpha": alpha,
             "run_id": self.run_id,
-            "error": None,
-        }
-
-    def _error_row(self, index: int, keys, error: str) -> dict:
-        return {
-            "key": f"{self.run_id}/{index:012d}",
-            "index": index,
-            "seed": self.config.seed,
-            "model": self.name,
-            "model_sha256": self.loaded.sha256,
-            "source_keys": keys,
-            "run_id": self.run_id,
             "error": error,
         }
+        if image is not None:
+            pixels = image.permute(1, 2, 0).cpu().numpy()  # (S, S, C)
+            row.update(image=codec.encode_png(pixels), width=pixels.shape[1], height=pixels.shape[0])
+        return row
 
 
 # ----------------------------------------------------------------------------------------------------------- runs

@@ -68,34 +68,19 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 
 def train_loop_per_worker(config: dict) -> None:
     """The DCGAN's Ray Train loop (one call per worker)."""
-    import ray.train
     from ray.train.torch import prepare_model
 
-    cpus = config.pop("cpus_per_worker", 1)
-    cfg = DCGANTrainConfig(**config)
-    torch.set_num_threads(launcher.threads_for(cpus))
-    rank, world_size = launcher.world()
+    cfg, rank, world_size = launcher.setup_worker(config, DCGANTrainConfig)
 
     # Load data: this worker's shard (uint8, kept in memory), and held-out images for the score.
-    train = launcher.load_image_tensor(
-        ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=1024), cfg.channels
-    )
-    val = launcher.load_image_tensor(
-        ray.train.get_dataset_shard("val").iter_batches(batch_format="pyarrow", batch_size=1024), cfg.channels
-    )
+    train = launcher.load_image_tensor(launcher.shard_batches("train", 1024), cfg.channels)
+    val = launcher.load_image_tensor(launcher.shard_batches("val", 1024), cfg.channels)
 
     # Build G, D, EMA G and the optimizers; resume from this attempt's checkpoint, if any.
     model = DCGAN(cfg.model_config())
     opt_g, opt_d = make_optimizers(model, lr=cfg.lr, betas=(cfg.beta1, 0.999))
     ema = copy.deepcopy(model.generator).eval().requires_grad_(False)
-    state = launcher.restore_state()
-    start_epoch = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        start_epoch = int(state["epoch"]) + 1
+    start_epoch = launcher.resume({"model": model, "ema": ema, "opt_g": opt_g, "opt_d": opt_d})
     generator, discriminator = prepare_model(model.generator), prepare_model(model.discriminator)
     device = next(model.generator.parameters()).device
     ema.to(device)

@@ -76,6 +76,41 @@ def world() -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
+def setup_worker(config: dict, config_cls: type) -> tuple[Any, int, int]:
+    """Build a worker's train config from `train_loop_config` and size its torch threads.
+
+    Returns:
+        (train config, rank, world size).
+    """
+    config = dict(config)
+    torch.set_num_threads(threads_for(config.pop("cpus_per_worker", 1)))
+    return config_cls(**config), *world()
+
+
+def shard_batches(name: str, batch_size: int):
+    """This worker's share of dataset `name` (all of it for unsplit datasets), as pyarrow batches."""
+    import ray.train
+
+    return ray.train.get_dataset_shard(name).iter_batches(batch_format="pyarrow", batch_size=batch_size)
+
+
+def resume(stateful: dict[str, Any]) -> int:
+    """Load the checkpoint this attempt starts from (if any) into models/optimizers by their state.pt keys.
+
+    Args:
+        stateful: state.pt key -> object with `load_state_dict` (model, optimizers, EMA copy).
+
+    Returns:
+        The epoch to start from: 0 for a fresh run, else the checkpoint's epoch + 1.
+    """
+    state = restore_state()
+    if state is None:
+        return 0
+    for key, obj in stateful.items():
+        obj.load_state_dict(state[key])
+    return int(state["epoch"]) + 1
+
+
 def restore_state() -> dict | None:
     """The `state.pt` of the checkpoint this attempt starts from (a resumed run or a restarted worker group)."""
     import ray.train

@@ -108,31 +108,18 @@ def decode_rows(batches, channels: int) -> list[np.ndarray]:
 
 def train_loop_per_worker(config: dict) -> None:
     """The restorer's Ray Train loop (one call per worker)."""
-    import ray.train
     from ray.train.torch import prepare_model
 
-    cpus = config.pop("cpus_per_worker", 1)
-    cfg = RestorerTrainConfig(**config)
-    torch.set_num_threads(launcher.threads_for(cpus))
-    rank, world_size = launcher.world()
+    cfg, rank, world_size = launcher.setup_worker(config, RestorerTrainConfig)
 
     # Load data: this worker's shard of the training images, and all the validation images.
-    train_images = decode_rows(
-        ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=256), cfg.channels
-    )
-    val_images = decode_rows(
-        ray.train.get_dataset_shard("val").iter_batches(batch_format="pyarrow", batch_size=64), cfg.channels
-    )
+    train_images = decode_rows(launcher.shard_batches("train", 256), cfg.channels)
+    val_images = decode_rows(launcher.shard_batches("val", 64), cfg.channels)
 
     # Build the model and optimizer; resume from the checkpoint this attempt starts from, if any.
     model = Restorer(cfg.model_config())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    state = launcher.restore_state()
-    start_epoch = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"]) + 1
+    start_epoch = launcher.resume({"model": model, "optimizer": optimizer})
     model = prepare_model(model)  # device placement + DDP when world_size > 1
     net = model.module if hasattr(model, "module") else model
     device = next(net.parameters()).device

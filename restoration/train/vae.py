@@ -61,31 +61,18 @@ PRESETS: dict[str, dict] = {
 
 def train_loop_per_worker(config: dict) -> None:
     """The VAE's Ray Train loop (one call per worker)."""
-    import ray.train
     from ray.train.torch import prepare_model
 
-    cpus = config.pop("cpus_per_worker", 1)
-    cfg = VAETrainConfig(**config)
-    torch.set_num_threads(launcher.threads_for(cpus))
-    rank, world_size = launcher.world()
+    cfg, rank, world_size = launcher.setup_worker(config, VAETrainConfig)
 
     # Load data: this worker's shard (uint8, kept in memory), and held-out images.
-    train = launcher.load_image_tensor(
-        ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=1024), cfg.channels
-    )
-    val = launcher.load_image_tensor(
-        ray.train.get_dataset_shard("val").iter_batches(batch_format="pyarrow", batch_size=1024), cfg.channels
-    )[: cfg.eval_images]
+    train = launcher.load_image_tensor(launcher.shard_batches("train", 1024), cfg.channels)
+    val = launcher.load_image_tensor(launcher.shard_batches("val", 1024), cfg.channels)[: cfg.eval_images]
 
     # Build the model and optimizer; resume from this attempt's checkpoint, if any.
     model = VAE(cfg.model_config())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    state = launcher.restore_state()
-    start_epoch = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"]) + 1
+    start_epoch = launcher.resume({"model": model, "optimizer": optimizer})
     model = prepare_model(model)
     net = model.module if hasattr(model, "module") else model
     device = next(net.parameters()).device
