@@ -194,6 +194,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--workers", type=_positive_int, default=1, help="training workers (DDP), default 1")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="use GPUs (default: if any)")
+    p.add_argument(
+        "--cpus-per-worker",
+        type=_positive_float,
+        default=None,
+        help="CPUs (and torch threads) per worker (default: all but one core, up to 4, shared by the workers)",
+    )
     p.add_argument("--epochs", type=_positive_int, default=None, help="override the preset's epochs")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override any config field")
@@ -212,7 +218,12 @@ def train_setup(args: argparse.Namespace):
     train_config = resolve_config(args.kind, args.preset, overrides)
     name = args.name or args.preset or args.kind
     launch_config = LaunchConfig(
-        storage=args.storage, name=name, workers=args.workers, gpu=args.gpu, max_failures=args.max_failures
+        storage=args.storage,
+        name=name,
+        workers=args.workers,
+        gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures,
     )
     return train_config, launch_config
 

@@ -107,3 +107,25 @@ def test_generator_loops_checkpoint_previews_and_export(s3, ray_cluster, fmnist_
     for name in checkpoints:
         files = {posixpath.basename(i.path) for i in storage.list_files("s3://" + name)}
         assert {"state.pt", "model.pt", *previews} <= files
+
+
+def test_bf16_mixed_degradations_fine_tune_from_a_model_file(s3, ray_cluster, train_shards, tmp_path):
+    runs = s3.uri("train", "runs")
+    launch = LaunchConfig(storage=runs, name="base", workers=1, num_to_keep=None)
+    tiny = {**TINY, "batch_norm": False}  # BN statistics would move even at a vanishing learning rate
+    base = run_training("restorer", train_shards, launch, resolve_config("restorer", None, {**tiny, "epochs": 2}))
+    start = tmp_path / "base.pt"
+    start.write_bytes(storage.read_bytes(base.model_path))
+    base_psnr = load_model(start).meta["metrics"]["val_psnr"]  # the exported (best) epoch's
+
+    # Fine-tune under bf16 autocast with blur/noise/JPEG patches, starting from the base model's weights: with a
+    # vanishing learning rate the weights stay where init_from put them, so validation starts where the base ended.
+    overrides = {**tiny, "epochs": 1, "precision": "bf16", "jpeg_p": 0.5, "blur_p": 0.3, "noise_p": 0.7}
+    config = resolve_config("restorer", None, {**overrides, "init_from": str(start), "lr": 1e-9})
+    tuned = run_training("restorer", train_shards, LaunchConfig(storage=runs, name="tuned", workers=1), config)
+    assert np.isfinite(tuned.history[0]["loss"])
+    assert abs(tuned.history[0]["val_psnr"] - base_psnr) < 0.05
+    # The exported weights are the base model's (a fresh start would have He-initialised ones).
+    tuned_state = load_model(storage.read_bytes(tuned.model_path)).module.state_dict()
+    base_state = load_model(start).module.state_dict()
+    assert max((tuned_state[k] - v).abs().max().item() for k, v in base_state.items()) < 1e-6

@@ -1,8 +1,11 @@
 """Training the restorer with Ray Train: `train_loop_per_worker` and its presets.
 
 Each worker decodes its shard of the training images once, then every epoch samples random patches (flips and 90°
-rotations) and degrades each patch (fixed σ, or blind σ ∈ [lo, hi]) — residual learning with Adam and a cosine or
-step schedule, validation PSNR on held-out images every epoch. Randomness is seeded by (seed, rank, epoch), so a run
+rotations) and degrades each patch — Gaussian noise (fixed σ, or blind σ ∈ [lo, hi]), or, with `jpeg_p`/`blur_p`
+set, a per-patch mix of blur, noise and JPEG (`DegradeMix`) — residual learning with Adam and a cosine or step
+schedule, validation PSNR on held-out images every epoch. `precision="bf16"` trains under bfloat16 autocast with
+channels-last tensors (on CPUs with AMX or AVX512-BF16 several times faster than fp32); `init_from` starts from the
+weights of an existing model file (fine-tuning). Randomness is seeded by (seed, rank, epoch), so a run
 resumed at an epoch boundary draws exactly the patches an uninterrupted one would.
 """
 
@@ -17,11 +20,21 @@ import numpy as np
 import torch
 
 from restoration import codec
-from restoration.checkpoint import save_model
+from restoration.checkpoint import load_named, save_model
 from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.train import launcher
 from restoration.train.patches import PatchSampler
-from restoration.train.restorer_core import NoiseSpec, add_noise, evaluate_psnr, lr_factor, restorer_step
+from restoration.train.restorer_core import (
+    DegradeMix,
+    NoiseSpec,
+    add_noise,
+    degrade_patches,
+    evaluate_psnr,
+    lr_factor,
+    restorer_step,
+)
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -42,11 +55,21 @@ class RestorerTrainConfig:
     sigma: float = 25.0  # fixed σ (0-255 scale) ...
     sigma_min: float | None = None  # ... or blind σ ~ U[sigma_min, sigma_max] per patch when both are set
     sigma_max: float | None = None
+    # More kinds of damage (see DegradeMix): when jpeg_p or blur_p > 0, each patch draws blur, noise (σ from the
+    # blind range, or the fixed σ) and JPEG independently with these probabilities.
+    noise_p: float = 1.0
+    jpeg_p: float = 0.0
+    quality_min: int = 10
+    quality_max: int = 90
+    blur_p: float = 0.0
+    blur_max: float = 1.5
     # Optimisation.
     lr: float = 1e-3
     lr_schedule: str = "cosine"
     loss: str = "l2"
     seed: int = 0
+    precision: str = "fp32"  # "bf16": bfloat16 autocast + channels-last (CUDA, or CPUs with AMX/AVX512-BF16)
+    init_from: str | None = None  # model name or file to start from (same architecture); ignored when resuming
     # Validation: PSNR at `val_sigma` on the held-out images, central crops of at most `val_max_side`.
     val_sigma: float = 25.0
     val_max_side: int | None = 256
@@ -57,12 +80,25 @@ class RestorerTrainConfig:
     def __post_init__(self) -> None:
         RestorerConfig(self.arch, self.channels, self.depth, self.width, self.batch_norm)  # validates the model part
         NoiseSpec(**self.noise_kwargs())
+        self.degrade_mix()
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         for name in ("patch_size", "batch_size", "steps_per_epoch", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def model_config(self) -> RestorerConfig:
         return RestorerConfig(self.arch, self.channels, self.depth, self.width, self.batch_norm)
+
+    def degrade_mix(self) -> DegradeMix | None:
+        """The per-patch degradation mix, or None for plain Gaussian noise."""
+        if self.jpeg_p == 0 and self.blur_p == 0:
+            return None
+        noise = self.noise_kwargs()
+        sigma_range = noise["sigma_range"] or (self.sigma, self.sigma)
+        return DegradeMix(
+            self.noise_p, sigma_range, self.jpeg_p, (self.quality_min, self.quality_max), self.blur_p, self.blur_max
+        )
 
     def noise_kwargs(self) -> dict:
         if self.sigma_min is not None and self.sigma_max is not None:
@@ -77,6 +113,17 @@ PRESETS: dict[str, dict] = {
     "denoise-gray-cpu": dict(
         arch="fast", depth=12, width=64, patch_size=64, batch_size=32, steps_per_epoch=100, epochs=30,
         sigma_min=0.0, sigma_max=55.0, lr=1e-3,
+    ),
+    # The same on CPUs with bfloat16 matrix units (AMX, AVX512-BF16): about 3.5x the steps per second.
+    "denoise-gray-bf16": dict(
+        arch="fast", depth=12, width=64, patch_size=64, batch_size=32, steps_per_epoch=500, epochs=60,
+        sigma_min=0.0, sigma_max=55.0, lr=1e-3, precision="bf16",
+    ),
+    # One gray model for noise, JPEG (q 10-90) and mild blur, fine-tuned from the bundled denoiser.
+    "restore-gray-bf16": dict(
+        arch="fast", depth=12, width=64, patch_size=64, batch_size=32, steps_per_epoch=500, epochs=20,
+        sigma_min=0.0, sigma_max=55.0, noise_p=0.7, jpeg_p=0.4, blur_p=0.2, lr=5e-4, precision="bf16",
+        init_from="denoise-gray",
     ),
     # DnCNN-B at full size (Zhang et al. 2017: 20 layers, blind σ ∈ [0, 55], 50×50 patches, batch 128) on GPUs.
     "denoise-gray-gpu": dict(
@@ -106,6 +153,14 @@ def decode_rows(batches, channels: int) -> list[np.ndarray]:
     return images
 
 
+def init_weights(name_or_path: str, config: RestorerConfig) -> dict:
+    """The state dict of a restorer model file, checked to match `config` (BN folded or not is not a match)."""
+    loaded = load_named(name_or_path, expected_kind="restorer")
+    if loaded.config != config:
+        raise ValueError(f"init_from={name_or_path!r} is a {loaded.config}, but this run trains a {config}")
+    return loaded.module.state_dict()
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The restorer's Ray Train loop (one call per worker)."""
     from ray.train.torch import prepare_model
@@ -120,10 +175,17 @@ def train_loop_per_worker(config: dict) -> None:
     model = Restorer(cfg.model_config())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start_epoch = launcher.resume({"model": model, "optimizer": optimizer})
+    if start_epoch == 0 and cfg.init_from:
+        model.load_state_dict(init_weights(cfg.init_from, cfg.model_config()))
+    bf16 = cfg.precision == "bf16"
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
     model = prepare_model(model)  # device placement + DDP when world_size > 1
     net = model.module if hasattr(model, "module") else model
     device = next(net.parameters()).device
     noise = NoiseSpec(**cfg.noise_kwargs())
+    mix = cfg.degrade_mix()
+    memory_format = torch.channels_last if bf16 else torch.contiguous_format
     total_steps = cfg.epochs * cfg.steps_per_epoch
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -132,16 +194,22 @@ def train_loop_per_worker(config: dict) -> None:
         sampler = PatchSampler(train_images, cfg.patch_size, np.random.default_rng([cfg.seed, rank, epoch]))
         noise_seed = int(np.random.SeedSequence([cfg.seed, rank, epoch]).generate_state(1)[0])
         generator = torch.Generator(device=device).manual_seed(noise_seed)
+        mix_rng = np.random.default_rng([cfg.seed, rank, epoch, 1])
         losses, t0 = [], time.perf_counter()
         for step in range(cfg.steps_per_epoch):
             lr = cfg.lr * lr_factor(cfg.lr_schedule, (epoch * cfg.steps_per_epoch + step) / total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # Sample a batch, degrade it.
-            clean = torch.from_numpy(sampler.sample(cfg.batch_size)).to(device, non_blocking=True)
-            noisy = add_noise(clean, noise, generator)
-            # Update weights (bf16 autocast on GPU, fp32 on CPU).
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            patches = sampler.sample(cfg.batch_size)  # (B, C, p, p)
+            clean = torch.from_numpy(patches).to(device, memory_format=memory_format, non_blocking=True)
+            if mix is None:
+                noisy = add_noise(clean, noise, generator)
+            else:  # blur/JPEG run on the CPU, patch by patch
+                noisy = torch.from_numpy(degrade_patches(patches, mix, mix_rng))
+                noisy = noisy.to(device, memory_format=memory_format, non_blocking=True)
+            # Update weights (bf16 autocast on GPU always; on CPU when asked for).
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or bf16):
                 losses.append(restorer_step(model, optimizer, noisy, clean, loss=cfg.loss)["loss"])
         seconds = time.perf_counter() - t0
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from restoration import degrade
 from restoration.train.patches import PatchSampler
 
 LOSSES = ("l2", "l1")
@@ -68,6 +69,60 @@ def add_noise(clean: Tensor, spec: NoiseSpec, generator: torch.Generator) -> Ten
     else:
         sigma = spec.sigma
     return clean + torch.randn(clean.shape, **kwargs) * (sigma / 255.0)
+
+
+@dataclass(frozen=True)
+class DegradeMix:
+    """Per-patch random degradations for one model that restores several kinds of damage at once.
+
+    Each patch independently goes through: Gaussian blur with probability `blur_p` (σ_blur ~ U[0.3, blur_max]
+    pixels), then Gaussian noise with probability `noise_p` (σ ~ U[sigma_range], 0-255 scale, not clipped), then
+    JPEG with probability `jpeg_p` (quality ~ U{quality_range}, 4:2:0 chroma subsampling for colour as real JPEG
+    files have; JPEG quantises to 8 bits, so a noisy patch is clipped there). The degradation model follows the
+    blur -> noise -> JPEG order of Real-ESRGAN (Wang et al., ICCVW 2021), in its mild first-order form. Patches that
+    draw nothing stay clean, which teaches the model to leave clean images alone.
+    """
+
+    noise_p: float = 0.7
+    sigma_range: tuple[float, float] = (0.0, 55.0)
+    jpeg_p: float = 0.4
+    quality_range: tuple[int, int] = (10, 90)
+    blur_p: float = 0.2
+    blur_max: float = 1.5
+
+    def __post_init__(self):
+        for name in ("noise_p", "jpeg_p", "blur_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
+        NoiseSpec(sigma=None, sigma_range=tuple(self.sigma_range))
+        lo, hi = self.quality_range
+        if not 1 <= lo <= hi <= 100:
+            raise ValueError(f"quality_range must be (lo, hi) with 1 <= lo <= hi <= 100, got {self.quality_range!r}")
+        if not self.blur_max >= 0.3:
+            raise ValueError(f"blur_max must be >= 0.3 pixels, got {self.blur_max!r}")
+
+
+def degrade_patches(clean: np.ndarray, mix: DegradeMix, rng: np.random.Generator) -> np.ndarray:
+    """Degrade each patch of a batch with its own random draw from `mix`.
+
+    Args:
+        clean: (B, C, H, W) float32 patches in [0, 1], C in {1, 3}.
+        mix: the degradation probabilities and ranges.
+        rng: source of randomness.
+    Returns:
+        (B, C, H, W) float32 degraded patches.
+    """
+    out = np.empty_like(clean)
+    for i, patch in enumerate(clean):
+        x = patch.transpose(1, 2, 0)  # (H, W, C), what `degrade` works on
+        if rng.random() < mix.blur_p:
+            x = degrade.gaussian_blur(x, float(rng.uniform(0.3, mix.blur_max)))
+        if rng.random() < mix.noise_p:
+            x = degrade.gaussian_noise(x, float(rng.uniform(*mix.sigma_range)), rng)
+        if rng.random() < mix.jpeg_p:
+            x = degrade.jpeg(np.clip(x, 0.0, 1.0), int(rng.integers(mix.quality_range[0], mix.quality_range[1] + 1)))
+        out[i] = x.transpose(2, 0, 1)
+    return out
 
 
 def restorer_step(
