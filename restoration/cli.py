@@ -108,6 +108,12 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch (default 8)")
     p.add_argument("--tile", type=_positive_int, default=512, help="tile side for large images (default 512)")
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="inference precision (default auto: bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32)",
+    )
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="use GPUs (default: if any)")
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse larger images (default 100 MP)")
 
@@ -246,6 +252,7 @@ def restore_config(args: argparse.Namespace):
         overlap=args.overlap,
         gpu=args.gpu,
         max_pixels=args.max_pixels or codec.DEFAULT_MAX_PIXELS,
+        precision=args.precision,
     )
 
 
@@ -284,6 +291,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         split=args.split,
         executor=args.executor,
         max_pixels=args.max_pixels or codec.DEFAULT_MAX_PIXELS,
+        precision=args.precision,
     )
     for key, reason in report.errors:
         print(f"error: {key}: {reason}")

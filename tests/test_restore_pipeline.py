@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import skimage.data
 from PIL import Image
 
 from restoration import data, storage
@@ -93,6 +94,27 @@ def test_actor_and_encoder_as_plain_callables(tiny_model):
     np.testing.assert_array_equal(np.asarray(result)[..., 3], np.asarray(rgba)[..., 3])  # alpha untouched
     assert decode_png(rows["gray"]["image"]).mode == "L"
     assert all(r["elapsed_ms"] >= 0 for r in rows.values())
+
+
+def test_bf16_inference_matches_fp32_and_auto_follows_the_hardware(tiny_model):
+    import torch
+
+    from restoration.device import cpu_has_bf16_units, use_bf16
+
+    photo = skimage.data.camera()[128:256, 128:256].astype(np.float32)[None, ..., None] / 255.0  # (1, H, W, 1)
+    noisy = photo + np.random.default_rng(0).normal(0, 25 / 255, photo.shape).astype(np.float32)
+    fp32 = RestoreActor(tiny_model, tile=64, overlap=8, precision="fp32")
+    bf16 = RestoreActor(tiny_model, tile=64, overlap=8, precision="bf16")
+    assert not fp32.bf16 and bf16.bf16
+    a, b = fp32.restore_array(noisy), bf16.restore_array(noisy)
+    assert a.shape == b.shape == noisy.shape
+    assert not np.array_equal(a, b)  # bf16 really ran
+    # bf16 keeps 8 bits of mantissa: the two outputs agree far below the noise level (PSNR between them > 40 dB).
+    assert 10 * np.log10(1.0 / np.mean((a - b) ** 2)) > 40
+    assert use_bf16("auto", torch.device("cpu")) == cpu_has_bf16_units()
+    assert use_bf16("fp32", torch.device("cuda")) is False
+    with pytest.raises(ValueError, match="precision='half'"):
+        use_bf16("half", torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------------------------- end to end

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from restoration import codec, data, degrade, metrics, storage
 from restoration.checkpoint import model_label
+from restoration.device import PRECISIONS
 
 # Between stages a row carries its pixels as raw float32 bytes (H, W, C) — Arrow binary, no pickling, no copies
 # beyond the one into the numpy view.
@@ -86,10 +87,13 @@ class RestoreConfig:
     overlap: int = 32
     gpu: bool | None = None  # None: use GPUs when the cluster has them
     max_pixels: int = codec.DEFAULT_MAX_PIXELS
+    precision: str = "auto"  # "auto": bf16 on GPUs and on CPUs with bf16 units (AMX, AVX512-BF16), else fp32
 
     def __post_init__(self) -> None:
         if self.degrade:
             degrade.parse_spec(self.degrade)  # fail before any work on a bad spec
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("batch_size", "tile"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -180,10 +184,12 @@ class RestoreActor:
     """Holds one restorer on its device and restores batches: same-shape images run as one tensor batch, images
     larger than the tile run tile by tile. Loads the model once, in `__init__`."""
 
-    def __init__(self, model: str, tile: int = 512, overlap: int = 32, threads: int | None = None) -> None:
+    def __init__(
+        self, model: str, tile: int = 512, overlap: int = 32, threads: int | None = None, precision: str = "auto"
+    ) -> None:
         import torch
 
-        from restoration.device import default_device
+        from restoration.device import default_device, use_bf16
 
         if threads:
             torch.set_num_threads(threads)
@@ -192,7 +198,11 @@ class RestoreActor:
         net = self.loaded.module
         if hasattr(net, "fold_batch_norm"):
             net.fold_batch_norm()
-        self.net = net.to(self.device).eval()
+        # bf16 autocast changes PSNR by under 0.01 dB for these models and is several times faster where the hardware
+        # has bf16 units; channels-last is the layout oneDNN's and cuDNN's fastest convolutions use.
+        self.bf16 = use_bf16(precision, self.device)
+        self.memory_format = torch.channels_last if self.bf16 else torch.contiguous_format
+        self.net = net.to(self.device, memory_format=self.memory_format).eval()
         self.channels = self.loaded.config.channels
         # The overlap is the context each tile sees beyond the part it keeps: at least the receptive radius makes
         # tiled output equal to whole-image output; tiles align to the model's internal downscale.
@@ -235,13 +245,14 @@ class RestoreActor:
             x = x.reshape(n * 3, 1, h, w)  # every channel as a gray image
         elif self.channels == 3 and c == 1:
             x = x.expand(n, 3, h, w)
-        x = x.to(self.device, non_blocking=True)
-        y = self._run(x)
-        if self.channels == 1 and c == 3:
-            y = y.reshape(n, 3, h, w)
-        elif self.channels == 3 and c == 1:
-            y = y.mean(dim=1, keepdim=True)
-        return y.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        x = x.to(self.device, memory_format=self.memory_format, non_blocking=True)
+        with torch.inference_mode():
+            y = self._run(x)
+            if self.channels == 1 and c == 3:
+                y = y.reshape(n, 3, h, w)
+            elif self.channels == 3 and c == 1:
+                y = y.mean(dim=1, keepdim=True)
+            return y.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
     def _run(self, x):
         import torch
@@ -251,7 +262,7 @@ class RestoreActor:
         tile = self.tile
         while True:
             try:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     return tiled_apply(self.net, x, tile=tile, overlap=self.overlap, align=self.align)
             except torch.cuda.OutOfMemoryError:
                 # On a GPU, retry with smaller tiles rather than failing the image.
@@ -407,6 +418,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
             "tile": config.tile,
             "overlap": config.overlap,
             "threads": threads,
+            "precision": config.precision,
         },
         compute=ray.data.ActorPoolStrategy(size=workers),
         batch_format="pyarrow",
