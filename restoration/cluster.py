@@ -17,6 +17,10 @@ _FORWARDED_ENV = (
 )
 
 
+class ClusterError(ValueError):
+    """The Ray cluster cannot be reached or cannot run what was asked."""
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to the cluster at `RAY_ADDRESS`, or start a local one; a no-op when Ray is already initialised.
 
@@ -29,14 +33,19 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     address = os.environ.get("RAY_ADDRESS") or None
     env_vars = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
-    ray.init(
-        address=address,
-        num_cpus=None if address else num_cpus,
-        runtime_env={"env_vars": env_vars} if env_vars else None,
-        configure_logging=True,
-        logging_level="WARNING",
-        log_to_driver=True,
-    )
+    try:
+        ray.init(
+            address=address,
+            num_cpus=None if address else num_cpus,
+            runtime_env={"env_vars": env_vars} if env_vars else None,
+            configure_logging=True,
+            logging_level="WARNING",
+            log_to_driver=True,
+        )
+    except ConnectionError as e:
+        # A wrong or unreachable RAY_ADDRESS is the user's to fix: say which address, in one line.
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ClusterError(f"cannot connect to the Ray cluster at RAY_ADDRESS={address!r}: {reason}") from e
 
 
 def actor_resources(workers: int | None, gpu: bool | None) -> tuple[int, bool, int, float]:

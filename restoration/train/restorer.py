@@ -125,6 +125,17 @@ PRESETS: dict[str, dict] = {
         sigma_min=0.0, sigma_max=55.0, noise_p=0.7, jpeg_p=0.4, blur_p=0.2, lr=5e-4, precision="bf16",
         init_from="denoise-gray",
     ),
+    # Blind RGB denoiser (FFDNet's colour body: 12 layers, 96 channels) for colour photos, e.g. LIVE1.
+    "denoise-color-bf16": dict(
+        arch="fast", channels=3, depth=12, width=96, patch_size=64, batch_size=32, steps_per_epoch=500, epochs=40,
+        sigma_min=0.0, sigma_max=55.0, lr=1e-3, precision="bf16",
+    ),
+    # One RGB model for noise, JPEG (q 10-90, 4:2:0 chroma subsampling) and mild blur, from the colour denoiser.
+    "restore-color-bf16": dict(
+        arch="fast", channels=3, depth=12, width=96, patch_size=64, batch_size=32, steps_per_epoch=500, epochs=20,
+        sigma_min=0.0, sigma_max=55.0, noise_p=0.7, jpeg_p=0.4, blur_p=0.2, lr=5e-4, precision="bf16",
+        init_from="denoise-color",
+    ),
     # DnCNN-B at full size (Zhang et al. 2017: 20 layers, blind σ ∈ [0, 55], 50×50 patches, batch 128) on GPUs.
     "denoise-gray-gpu": dict(
         arch="dncnn", depth=20, width=64, patch_size=50, batch_size=128, steps_per_epoch=1000, epochs=50,
