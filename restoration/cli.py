@@ -11,6 +11,7 @@ Bad arguments and unusable inputs end with one line on stderr (`restoration: err
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -46,6 +47,12 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
     return value
+
+
+# `restoration bench NAME`: (name, module with add_arguments(parser) and run(args) -> exit code, help).
+BENCHMARKS = (
+    ("fid", "restoration.fid", "FID of generated images vs the Fashion-MNIST test split, with calibration rows"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the main job on embedded defaults", description=_doc("demo"))
     p.add_argument("--out", default=None, help="local folder for the demo outputs (default ./demo-output)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "bench", help="benchmarks: restoration quality, FID of the generators", description=_doc("bench")
+    )
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    for name, module, help_text in BENCHMARKS:
+        mod = importlib.import_module(module)
+        q = bench.add_parser(name, help=help_text, description=mod.__doc__.split("\n\n")[0])
+        mod.add_arguments(q)
+        q.set_defaults(func=mod.run)
 
     p = sub.add_parser("s3-server", help="run the embedded S3 server (SeaweedFS) until interrupted")
     p.add_argument("--data-dir", default=None, help="keep the data here (default: a temporary folder)")
@@ -275,6 +292,8 @@ def _doc(command: str) -> str:
         "train": "Train a model with Ray Train: DDP over --workers (GPUs when the cluster has them), data from input "
         "shards, checkpoints under STORAGE/NAME (S3 or local). Starting the same NAME again resumes from its latest "
         "checkpoint; the best checkpoint is exported as STORAGE/NAME/model.pt.",
+        "bench": "Benchmarks that print a table and write it as Markdown and JSON (plus images to look at) into "
+        "--out: how good the bundled models are next to the methods a user would otherwise use.",
         "demo": "Start an embedded S3 server, ingest the sample photos that ship with scikit-image and scikit-learn "
         "into Parquet shards on it, and print what was written.",
     }[command]

@@ -4,6 +4,7 @@
 family is one line here; nothing is discovered by file name.
 """
 
+from restoration.models.classifier import Classifier, ClassifierConfig
 from restoration.models.dcgan import DCGAN, DCGANConfig
 from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.models.vae import VAE, VAEConfig
@@ -12,6 +13,7 @@ MODELS: dict[str, tuple[type, type]] = {
     "restorer": (RestorerConfig, Restorer),
     "dcgan": (DCGANConfig, DCGAN),
     "vae": (VAEConfig, VAE),
+    "classifier": (ClassifierConfig, Classifier),
 }
 
 __all__ = ["MODELS", "Restorer", "RestorerConfig"]
