@@ -7,7 +7,7 @@ Same options as `restoration ingest`; exits non-zero with the reason on failure.
 
 import sys
 
-from restoration.cli import main
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["ingest", *sys.argv[1:]]))
+    sys.exit(run(["ingest", *sys.argv[1:]]))

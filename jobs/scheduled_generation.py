@@ -10,7 +10,7 @@ a reader knows a run is complete when its manifest exists. Same options as `rest
 
 import sys
 
-from restoration.cli import main
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["synthesize", "--scheduled", *sys.argv[1:]]))
+    sys.exit(run(["synthesize", "--scheduled", *sys.argv[1:]]))

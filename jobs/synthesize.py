@@ -8,7 +8,7 @@ Same options as `restoration synthesize`; exits non-zero with the reason on fail
 
 import sys
 
-from restoration.cli import main
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["synthesize", *sys.argv[1:]]))
+    sys.exit(run(["synthesize", *sys.argv[1:]]))

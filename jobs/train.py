@@ -8,7 +8,7 @@ Same options as `restoration train`; exits non-zero with the reason on failure.
 
 import sys
 
-from restoration.cli import main
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(run(["train", *sys.argv[1:]]))

@@ -51,6 +51,8 @@ def _positive_int(text: str) -> int:
 
 # `restoration bench NAME`: (name, module with add_arguments(parser) and run(args) -> exit code, help).
 BENCHMARKS = (
+    ("quality", "restoration.bench.quality", "PSNR/SSIM and time of the restorers vs BM3D and classical denoisers"),
+    ("throughput", "restoration.bench.throughput", "megapixels/s: pipeline vs raw model loop vs a naive script"),
     ("fid", "restoration.fid", "FID of generated images vs the Fashion-MNIST test split, with calibration rows"),
 )
 
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(
-        "bench", help="benchmarks: restoration quality, FID of the generators", description=_doc("bench")
+        "bench", help="benchmarks: restoration quality, throughput, FID of the generators", description=_doc("bench")
     )
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     for name, module, help_text in BENCHMARKS:
@@ -310,7 +312,6 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         split=args.split,
         executor=args.executor,
         max_pixels=args.max_pixels or codec.DEFAULT_MAX_PIXELS,
-        precision=args.precision,
     )
     for key, reason in report.errors:
         print(f"error: {key}: {reason}")

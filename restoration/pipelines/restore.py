@@ -66,6 +66,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("elapsed_ms", pa.float64()),
         ("run_id", pa.string()),
         ("error", pa.string()),
+        ("restored_at", pa.float64()),  # Unix seconds when encode_batch finished the row (throughput timelines)
     ]
 )
 
@@ -317,6 +318,7 @@ def encode_batch(batch: pa.Table, model: str, model_sha256: str, run_id: str) ->
             except Exception as e:  # noqa: BLE001 - becomes the row's error
                 result.update(image=None, error=f"encode: {type(e).__name__}: {str(e)[:200]}")
         result["elapsed_ms"] = (row["elapsed_ms"] or 0.0) + 1e3 * (time.perf_counter() - t0)
+        result["restored_at"] = time.time()
         out.append(result)
     return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 

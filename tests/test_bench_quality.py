@@ -1,0 +1,185 @@
+"""`restoration bench quality` on small crops of real photos: numbers, ordering, protocol and the files it writes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from restoration import degrade, metrics
+from restoration.bench import quality
+from restoration.checkpoint import WEIGHTS_DIR
+
+
+def _gray(name: str) -> np.ndarray:
+    image = Image.fromarray(getattr(skdata, name)()).convert("L")
+    return np.asarray(image, dtype=np.float32)[..., None] / 255.0  # (H, W, 1)
+
+
+def _rows(result: quality.QualityResult) -> dict[tuple[str, str], dict]:
+    return {(r["method"], r["degradation"]): r for r in result.rows}
+
+
+def test_gray_benchmark_orders_methods_follows_the_protocol_and_writes_files(tmp_path):
+    import bm3d
+
+    clean = [_gray("camera"), _gray("astronaut")]
+    config = quality.QualityConfig(
+        images=clean,
+        sigmas=(25,),
+        models=("denoise-gray",),
+        methods=("noisy", "bm3d"),
+        crop=96,
+        threads=1,
+        out_dir=str(tmp_path / "out"),
+    )
+    result = quality.benchmark(config)
+    rows = _rows(result)
+    assert set(rows) == {("noisy", "noise:25"), ("bm3d", "noise:25"), ("denoise-gray", "noise:25")}
+    for row in result.rows:
+        assert row["images"] == 2 and len(row["per_image"]) == 2
+        assert all(math.isfinite(row[k]) for k in ("psnr", "ssim", "seconds_per_mp", "cpu_seconds_per_mp"))
+        assert row["seconds_per_mp"] >= 0 and row["cpu_seconds_per_mp"] >= 0
+    noisy, ours, bm = (rows[(m, "noise:25")] for m in ("noisy", "denoise-gray", "bm3d"))
+    # sigma 25 noise is 20.2 dB before clipping; denoisers gain 6+ dB on these photos.
+    assert 19.5 < noisy["psnr"] < 22.0
+    assert bm["psnr"] > noisy["psnr"] + 5.0 and ours["psnr"] > noisy["psnr"] + 5.0
+    assert bm["ssim"] > noisy["ssim"] + 0.2 and ours["ssim"] > noisy["ssim"] + 0.2
+
+    # The protocol, recomputed outside the benchmark for the first image: noise seeded by (image, sigma), BM3D fed
+    # the unclipped noisy array, every output clipped before PSNR.
+    crop = quality._center_crop(clean[0], 96)
+    noisy_image = degrade.gaussian_noise(crop, 25, degrade.rng_for(0, "array-0/noise:25"))
+    assert noisy["per_image"][0]["psnr"] == pytest.approx(metrics.psnr(np.clip(noisy_image, 0, 1), crop), abs=1e-9)
+    profile = bm3d.BM3DProfile()
+    profile.num_threads = 1
+    expected = bm3d.bm3d(noisy_image[..., 0].astype(np.float64), sigma_psd=25 / 255, profile=profile)
+    assert bm["per_image"][0]["psnr"] == pytest.approx(metrics.psnr(np.clip(expected, 0, 1), crop[..., 0]), abs=1e-6)
+
+    paths = quality.write_report(result, config.out_dir)
+    payload = json.loads(paths["json"].read_text())
+    assert payload["threads"] == 1 and payload["mode"] == "gray"
+    assert [r["method"] for r in payload["rows"]] == ["noisy", "bm3d", "denoise-gray"]
+    assert payload["rows"][1]["psnr"] == pytest.approx(bm["psnr"])
+    assert [v["image"] for v in payload["rows"][2]["per_image"]] == ["array-0", "array-1"]
+    markdown = paths["markdown"].read_text()
+    assert "| method | noise:25 | s/MP | CPU s/MP |" in markdown and "2 arrays given by the caller" in markdown
+    assert f"| bm3d | {bm['psnr']:.2f} / {bm['ssim']:.4f} |" in markdown
+    with Image.open(paths["sheet"]) as sheet:
+        # 2 images x (full row + crop row), 4 columns (clean | noisy | bm3d | denoise-gray), cells 256 px high.
+        assert sheet.mode == "RGB" and sheet.width > 4 * 256 and sheet.height > 4 * 250
+    table = quality.format_table(result.rows).splitlines()
+    assert table[0].split() == ["method", "noise:25", "s/MP", "CPU", "s/MP"] and len(table) == 2 + 3
+
+
+def test_color_benchmark_cbm3d_and_gray_model_per_channel_beat_the_noise(tmp_path):
+    clean = skdata.astronaut().astype(np.float32) / 255.0
+    config = quality.QualityConfig(
+        color=True,
+        images=[clean],
+        sigmas=(25,),
+        models=("denoise-gray",),
+        methods=("noisy", "cbm3d"),
+        crop=96,
+        threads=1,
+        sheet_images=1,
+    )
+    result = quality.benchmark(config)
+    rows = _rows(result)
+    assert set(rows) == {("noisy", "noise:25"), ("cbm3d", "noise:25"), ("denoise-gray (per channel)", "noise:25")}
+    assert all(math.isfinite(r["psnr"]) and math.isfinite(r["ssim"]) for r in result.rows)
+    noisy = rows[("noisy", "noise:25")]["psnr"]
+    assert rows[("cbm3d", "noise:25")]["psnr"] > noisy + 5.0
+    assert rows[("denoise-gray (per channel)", "noise:25")]["psnr"] > noisy + 4.0
+    assert quality.quality_sheet(result).shape[2] == 3
+
+
+def test_restore_models_get_jpeg_and_blur_rows_with_denoise_gray_as_reference(tmp_path):
+    # A restore-* model file: the bundled denoiser's weights under a restore- name, so its rows must equal
+    # denoise-gray's while the input rows show the JPEG/blur damage itself.
+    restore = tmp_path / "restore-copy.pt"
+    shutil.copyfile(WEIGHTS_DIR / "denoise-gray.pt", restore)
+    clean = _gray("camera")
+    config = quality.QualityConfig(
+        images=[clean], sigmas=(25,), models=("denoise-gray", str(restore)), methods=("noisy",), crop=64, threads=1
+    )
+    result = quality.benchmark(config)
+    rows = _rows(result)
+    specs = ["noise:25", "jpeg:10", "jpeg:20", "blur:1"]
+    assert list(dict.fromkeys(r["degradation"] for r in result.rows)) == specs
+    crop = quality._center_crop(clean, 64)
+    inputs = {
+        "jpeg:10": degrade.jpeg(crop, 10),
+        "jpeg:20": degrade.jpeg(crop, 20),
+        "blur:1": degrade.gaussian_blur(crop, 1),
+    }
+    for spec, degraded in inputs.items():
+        assert rows[("input", spec)]["psnr"] == pytest.approx(metrics.psnr(degraded, crop), abs=1e-9)
+    for spec in specs:
+        assert rows[("restore-copy", spec)]["psnr"] == pytest.approx(rows[("denoise-gray", spec)]["psnr"], abs=1e-9)
+    assert rows[("input", "jpeg:10")]["psnr"] < rows[("input", "jpeg:20")]["psnr"]
+    assert ("noisy", "jpeg:10") not in rows and ("input", "noise:25") not in rows
+
+
+def test_cli_runs_on_a_folder_and_prints_the_table(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("camera", "moon"):
+        Image.fromarray(getattr(skdata, name)()).save(folder / f"{name}.png")
+    parser = argparse.ArgumentParser()
+    quality.add_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args(
+        ["--images", str(folder), "--sigmas", "15,50", "--methods", "noisy,tv,wavelet", "--models", "denoise-gray"]
+        + ["--crop", "64", "--threads", "1", "--limit", "1", "--out", str(out)]
+    )
+    assert quality.run(args) == 0
+    printed = capsys.readouterr().out
+    assert f"folder {folder}" in printed and "threads: 1" in printed
+    header = next(line for line in printed.splitlines() if line.startswith("method"))
+    assert header.split() == ["method", "noise:15", "noise:50", "s/MP", "CPU", "s/MP"]
+    payload = json.loads((out / "quality.json").read_text())
+    assert [i["name"] for i in payload["images"]] == ["camera.png"]
+    by_key = {(r["method"], r["degradation"]): r["psnr"] for r in payload["rows"]}
+    assert len(by_key) == 4 * 2
+    for method in ("tv", "wavelet", "denoise-gray"):
+        # More noise, lower PSNR; and every method beats the input at both levels.
+        assert by_key[(method, "noise:15")] > by_key[(method, "noise:50")]
+        for spec in ("noise:15", "noise:50"):
+            assert by_key[(method, spec)] > by_key[("noisy", spec)] + 1.0
+    assert (out / "quality.md").is_file() and (out / "quality_sheet.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sigmas": (25, -5)}, r"sigma -5: expected a number in \(0, 255\]"),
+        ({"sigmas": ()}, "sigmas is empty"),
+        ({"methods": ("bm3d", "median")}, r"method 'median': expected one of noisy, bm3d"),
+        ({"color": True, "methods": ("bm3d",)}, r"method 'bm3d': expected one of noisy, cbm3d"),
+        ({"crop": 8}, r"crop=8: expected an integer >= 16"),
+        ({"limit": 0}, r"limit=0: expected an integer >= 1"),
+        ({"threads": 1.5}, r"threads=1.5: expected an integer >= 1"),
+    ],
+)
+def test_bad_option_values_name_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        quality.QualityConfig(**kwargs)
+
+
+def test_bad_cli_values_and_unknown_models_raise_value_error(tmp_path):
+    parser = argparse.ArgumentParser()
+    quality.add_arguments(parser)
+    with pytest.raises(ValueError, match=r"--sigmas value 'x25': expected numbers"):
+        quality.config_from_args(parser.parse_args(["--sigmas", "15,x25"]))
+    config = quality.QualityConfig(images=[_gray("camera")], sigmas=(25,), models=("no-such-model",), crop=32)
+    with pytest.raises(ValueError, match="no-such-model"):
+        quality.benchmark(config)
+    with pytest.raises(ValueError, match="does not exist"):
+        quality.benchmark(quality.QualityConfig(images=str(tmp_path / "missing"), models=()))
