@@ -268,6 +268,25 @@ def input_files(uri: str) -> tuple[str, list[str]]:
     return ("parquet", parquet) if parquet else ("images", files)
 
 
+def count_rows(uri: str) -> int:
+    """How many rows `read_images(uri)` yields, from the Parquet footers (or the file count), without running Ray.
+
+    Args:
+        uri: input shards or a folder/prefix of image files, as for `read_images`.
+    Returns:
+        The number of input rows.
+    """
+    kind, files = input_files(uri)
+    if kind == "images":
+        return len(files)
+    fs, _ = storage.resolve(uri)
+    total = 0
+    for path in files:
+        with fs.open_input_file(path) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
 def read_images(uri: str, extra_columns: tuple[str, ...] = ()):
     """A Ray Dataset of `key`, `image` (encoded bytes) and those of `extra_columns` the input has.
 

@@ -117,3 +117,18 @@ def test_ingest_cli_reports_errors_and_bad_arguments(s3, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "-3" in err
+
+
+def test_count_rows_reads_footers_and_counts_image_files(tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(5):
+        Image.new("L", (8 + i, 8), color=i * 40).save(src / f"{i}.png")
+    (src / "_notes.txt").write_text("not an input")
+    shards = tmp_path / "shards"
+    data.ingest(str(src), str(shards), shard_mb=0.0001, executor="local")  # one image per shard
+    assert len(list(shards.glob("*.parquet"))) > 1
+    assert data.count_rows(str(shards)) == 5
+    assert data.count_rows(str(src)) == 5

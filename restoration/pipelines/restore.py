@@ -395,7 +395,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
 
     init_ray()
     ds = data.read_images(config.input, extra_columns=("reference",))
-    rows_in = ds.count()
+    rows_in = data.count_rows(config.input)  # from the Parquet footers: ds.count() would run the read once more
 
     # Resume: keys already written by earlier attempts of this run are skipped.
     done = set()
