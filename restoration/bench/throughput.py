@@ -840,8 +840,7 @@ def plain_training(train_config, images: list[np.ndarray], threads: int) -> dict
 
     from restoration.device import default_device
     from restoration.models.restorer import Restorer
-    from restoration.train.patches import PatchSampler
-    from restoration.train.restorer_core import NoiseSpec, add_noise, lr_factor, restorer_step
+    from restoration.train.restorer import train_epoch
 
     torch.set_num_threads(threads)
     cfg = train_config
@@ -850,24 +849,11 @@ def plain_training(train_config, images: list[np.ndarray], threads: int) -> dict
     memory_format = torch.channels_last if bf16 else torch.contiguous_format
     model = Restorer(cfg.model_config()).to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    noise = NoiseSpec(**cfg.noise_kwargs())
     total_steps = cfg.epochs * cfg.steps_per_epoch
     epochs, cpu0 = [], _own_cpu()
     for epoch in range(cfg.epochs):
-        model.train()
-        sampler = PatchSampler(images, cfg.patch_size, np.random.default_rng([cfg.seed, 0, epoch]))
-        noise_seed = int(np.random.SeedSequence([cfg.seed, 0, epoch]).generate_state(1)[0])
-        generator = torch.Generator(device=device).manual_seed(noise_seed)
         t0 = time.perf_counter()
-        for step in range(cfg.steps_per_epoch):
-            lr = cfg.lr * lr_factor(cfg.lr_schedule, (epoch * cfg.steps_per_epoch + step) / total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            patches = sampler.sample(cfg.batch_size)  # (B, C, p, p)
-            clean = torch.from_numpy(patches).to(device, memory_format=memory_format, non_blocking=True)
-            noisy = add_noise(clean, noise, generator)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or bf16):
-                restorer_step(model, optimizer, noisy, clean, loss=cfg.loss)
+        train_epoch(model, optimizer, cfg, images, 0, epoch, device)
         _sync(device)
         seconds = time.perf_counter() - t0
         samples_per_s = cfg.steps_per_epoch * cfg.batch_size / seconds

@@ -172,6 +172,57 @@ def init_weights(name_or_path: str, config: RestorerConfig) -> dict:
     return loaded.module.state_dict()
 
 
+def train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: RestorerTrainConfig,
+    images: list[np.ndarray],
+    rank: int,
+    epoch: int,
+    device: torch.device,
+) -> list[float]:
+    """One epoch of `cfg.steps_per_epoch` steps: sample patches, degrade them, update (the loop's hot path, shared with
+    the plain-PyTorch baseline of `restoration bench throughput`).
+
+    Randomness is seeded by (seed, rank, epoch), so an epoch draws the same patches and noise wherever it runs.
+
+    Args:
+        model: the restorer (DDP-wrapped or not), in channels-last when `cfg.precision` is "bf16".
+        optimizer: Adam over its parameters; the learning rate is set per step from the schedule.
+        cfg: the run's config; images: float32 (H, W, C) training images; rank: the worker's rank.
+        epoch: the epoch index; device: where the model is.
+    Returns:
+        The loss of every step.
+    """
+    bf16 = cfg.precision == "bf16"
+    memory_format = torch.channels_last if bf16 else torch.contiguous_format
+    noise = NoiseSpec(**cfg.noise_kwargs())
+    mix = cfg.degrade_mix()
+    total_steps = cfg.epochs * cfg.steps_per_epoch
+    model.train()
+    sampler = PatchSampler(images, cfg.patch_size, np.random.default_rng([cfg.seed, rank, epoch]))
+    noise_seed = int(np.random.SeedSequence([cfg.seed, rank, epoch]).generate_state(1)[0])
+    generator = torch.Generator(device=device).manual_seed(noise_seed)
+    mix_rng = np.random.default_rng([cfg.seed, rank, epoch, 1])
+    losses = []
+    for step in range(cfg.steps_per_epoch):
+        lr = cfg.lr * lr_factor(cfg.lr_schedule, (epoch * cfg.steps_per_epoch + step) / total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Sample a batch, degrade it.
+        patches = sampler.sample(cfg.batch_size)  # (B, C, p, p)
+        clean = torch.from_numpy(patches).to(device, memory_format=memory_format, non_blocking=True)
+        if mix is None:
+            noisy = add_noise(clean, noise, generator)
+        else:  # blur/JPEG run on the CPU, patch by patch
+            noisy = torch.from_numpy(degrade_patches(patches, mix, mix_rng))
+            noisy = noisy.to(device, memory_format=memory_format, non_blocking=True)
+        # Update weights (bf16 autocast on GPU always; on CPU when asked for).
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or bf16):
+            losses.append(restorer_step(model, optimizer, noisy, clean, loss=cfg.loss)["loss"])
+    return losses
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The restorer's Ray Train loop (one call per worker)."""
     from ray.train.torch import prepare_model
@@ -188,40 +239,16 @@ def train_loop_per_worker(config: dict) -> None:
     start_epoch = launcher.resume({"model": model, "optimizer": optimizer})
     if start_epoch == 0 and cfg.init_from:
         model.load_state_dict(init_weights(cfg.init_from, cfg.model_config()))
-    bf16 = cfg.precision == "bf16"
-    if bf16:
+    if cfg.precision == "bf16":
         model = model.to(memory_format=torch.channels_last)
     model = prepare_model(model)  # device placement + DDP when world_size > 1
     net = model.module if hasattr(model, "module") else model
     device = next(net.parameters()).device
-    noise = NoiseSpec(**cfg.noise_kwargs())
-    mix = cfg.degrade_mix()
-    memory_format = torch.channels_last if bf16 else torch.contiguous_format
-    total_steps = cfg.epochs * cfg.steps_per_epoch
 
     for epoch in range(start_epoch, cfg.epochs):
         launcher.maybe_fail(cfg, epoch, start_epoch)
-        model.train()
-        sampler = PatchSampler(train_images, cfg.patch_size, np.random.default_rng([cfg.seed, rank, epoch]))
-        noise_seed = int(np.random.SeedSequence([cfg.seed, rank, epoch]).generate_state(1)[0])
-        generator = torch.Generator(device=device).manual_seed(noise_seed)
-        mix_rng = np.random.default_rng([cfg.seed, rank, epoch, 1])
-        losses, t0 = [], time.perf_counter()
-        for step in range(cfg.steps_per_epoch):
-            lr = cfg.lr * lr_factor(cfg.lr_schedule, (epoch * cfg.steps_per_epoch + step) / total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # Sample a batch, degrade it.
-            patches = sampler.sample(cfg.batch_size)  # (B, C, p, p)
-            clean = torch.from_numpy(patches).to(device, memory_format=memory_format, non_blocking=True)
-            if mix is None:
-                noisy = add_noise(clean, noise, generator)
-            else:  # blur/JPEG run on the CPU, patch by patch
-                noisy = torch.from_numpy(degrade_patches(patches, mix, mix_rng))
-                noisy = noisy.to(device, memory_format=memory_format, non_blocking=True)
-            # Update weights (bf16 autocast on GPU always; on CPU when asked for).
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or bf16):
-                losses.append(restorer_step(model, optimizer, noisy, clean, loss=cfg.loss)["loss"])
+        t0 = time.perf_counter()
+        losses = train_epoch(model, optimizer, cfg, train_images, rank, epoch, device)
         seconds = time.perf_counter() - t0
 
         # Validate (rank 0) and report; rank 0 hands over the checkpoint.
@@ -229,7 +256,7 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch": epoch,
             "started_from_epoch": start_epoch,
             "loss": float(np.mean(losses)),
-            "lr": lr,
+            "lr": optimizer.param_groups[0]["lr"],  # the last step's
             "samples_per_s": cfg.steps_per_epoch * cfg.batch_size * world_size / seconds,
             "epoch_seconds": seconds,
         }
