@@ -287,28 +287,32 @@ def count_rows(uri: str) -> int:
     return total
 
 
-def read_images(uri: str, extra_columns: tuple[str, ...] = ()):
+def read_images(uri: str, extra_columns: tuple[str, ...] = (), num_cpus: float | None = None):
     """A Ray Dataset of `key`, `image` (encoded bytes) and those of `extra_columns` the input has.
 
     Args:
         uri: input shards (Parquet with the shard contract) or a folder/prefix of image files (keys: relative paths).
         extra_columns: optional shard columns to keep when present, e.g. ("reference",) or ("label",).
+        num_cpus: CPUs each read task reserves (Ray's default is 1; training reads with less, so the read still
+            finds a slot next to training workers that hold most of a small machine).
     """
     import pyarrow.compute as pc
     import ray
 
     kind, files = input_files(uri)
     fs, root = storage.resolve(uri)
+    remote = {"num_cpus": num_cpus} if num_cpus is not None else {}
     if kind == "parquet":
-        ds = ray.data.read_parquet(files, filesystem=fs)
+        ds = ray.data.read_parquet(files, filesystem=fs, **remote)
         names = ds.columns()
         missing = [c for c in ("key", "image") if c not in names]
         if missing:
             raise storage.StorageError(f"{uri}: Parquet input lacks column(s) {', '.join(missing)}; has {names}")
         return ds.select_columns(["key", "image", *(c for c in extra_columns if c in names)])
     base = root if fs.get_file_info(root).type.name == "Directory" else posixpath.dirname(root)
-    ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
+    ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True, **remote)
     return ds.map_batches(
         lambda t: pa.table({"key": pc.utf8_slice_codeunits(t["path"], len(base) + 1), "image": t["bytes"]}),
         batch_format="pyarrow",
+        **remote,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -182,7 +183,8 @@ def maybe_fail(config: Any, epoch: int, start_epoch: int) -> None:
 
 
 def threads_for(cpus: float) -> int:
-    return max(1, int(cpus))
+    """Torch threads for a worker holding `cpus` CPUs (a fraction rounds up: 1.5 CPUs -> 2 threads)."""
+    return max(1, math.ceil(cpus))
 
 
 # ----------------------------------------------------------------------------------------------- driver side
@@ -222,6 +224,12 @@ def launch(
     if cpus_per_worker is None:
         # Leave one core to Ray Data's read tasks so the workers' data never starves (2 workers on 2 cores: 0.5 each).
         cpus_per_worker = max(0.5, min(4.0, (cpus - 1) / launch_config.workers)) if not use_gpu else 2.0
+    if not use_gpu and cpus_per_worker * launch_config.workers > cpus - 0.5:
+        # Ray Data's read tasks (half a CPU each, see run.READ_CPUS) need a slot too; without one the run waits forever.
+        raise ValueError(
+            f"--cpus-per-worker {cpus_per_worker:g} x {launch_config.workers} worker(s) leaves no CPU for reading the"
+            f" data (the cluster has {cpus:g}); expected at most {(cpus - 0.5) / launch_config.workers:g}"
+        )
     run_uri = storage.join(launch_config.storage, launch_config.name)
     storage.ensure_bucket(launch_config.storage)
     config_json = json.dumps({"kind": kind, **dataclasses.asdict(train_config)}, indent=2, sort_keys=True)

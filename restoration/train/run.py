@@ -20,6 +20,7 @@ TRAINERS: dict[str, tuple[type, dict[str, dict], Any]] = {
     "vae": (vae.VAETrainConfig, vae.PRESETS, vae.train_loop_per_worker),
 }
 HOLDOUT_EVERY = 20  # without --val, one image in 20 (chosen by a hash of its key) is held out for validation
+READ_CPUS = 0.5  # CPUs per read task: the workers may hold all but half a core (launcher.launch checks)
 
 
 def parse_override(text: str, config_cls: type) -> tuple[str, Any]:
@@ -66,17 +67,17 @@ def build_datasets(kind: str, data: str, val: str | None) -> tuple[dict, list[st
 
     from restoration.data import read_images
 
-    train = read_images(data, extra_columns=("label",))
+    train = read_images(data, extra_columns=("label",), num_cpus=READ_CPUS)
     if val is not None:
-        return {"train": train, "val": read_images(val, extra_columns=("label",))}, ["train"]
+        return {"train": train, "val": read_images(val, extra_columns=("label",), num_cpus=READ_CPUS)}, ["train"]
 
     def split(batch: pa.Table, held_out: bool) -> pa.Table:
         mask = pa.array([_holdout(k) == held_out for k in batch.column("key").to_pylist()], pa.bool_())
         return pc.filter(batch, mask) if batch.num_rows else batch
 
     datasets = {
-        "train": train.map_batches(split, fn_kwargs={"held_out": False}, batch_format="pyarrow"),
-        "val": train.map_batches(split, fn_kwargs={"held_out": True}, batch_format="pyarrow"),
+        "train": train.map_batches(split, fn_kwargs={"held_out": False}, batch_format="pyarrow", num_cpus=READ_CPUS),
+        "val": train.map_batches(split, fn_kwargs={"held_out": True}, batch_format="pyarrow", num_cpus=READ_CPUS),
     }
     return datasets, ["train"]
 
