@@ -118,7 +118,12 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `restoration restore` (shared with jobs/restore.py)."""
     p.add_argument("input", help="input shards (Parquet: key, image[, reference]) or a prefix of image files")
     p.add_argument("output", help="output folder or S3 prefix; the run writes OUTPUT/run_id=<id>/")
-    p.add_argument("--model", default="denoise-gray", help="bundled model name, model file path or s3:// URI")
+    p.add_argument(
+        "--model",
+        default="denoise",
+        help="denoise or restore (the gray or colour variant per image, from its mode), or a bundled model name "
+        "(denoise-gray, denoise-color, restore-gray, restore-color), model file path or s3:// URI; default denoise",
+    )
     p.add_argument("--degrade", default=None, metavar="SPEC", help="degrade inputs first (evaluation); grammar above")
     p.add_argument("--seed", type=int, default=0, help="run seed for --degrade (per image: seed + key)")
     p.add_argument("--run-id", default=None, help="name of the run (default: UTC time + random suffix)")

@@ -19,6 +19,7 @@ from restoration.checkpoint import save_model
 from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.pipelines.restore import (
     OUTPUT_SCHEMA,
+    ModelRunner,
     RestoreActor,
     RestoreConfig,
     decode_batch,
@@ -103,8 +104,8 @@ def test_bf16_inference_matches_fp32_and_auto_follows_the_hardware(tiny_model):
 
     photo = skimage.data.camera()[128:256, 128:256].astype(np.float32)[None, ..., None] / 255.0  # (1, H, W, 1)
     noisy = photo + np.random.default_rng(0).normal(0, 25 / 255, photo.shape).astype(np.float32)
-    fp32 = RestoreActor(tiny_model, tile=64, overlap=8, precision="fp32")
-    bf16 = RestoreActor(tiny_model, tile=64, overlap=8, precision="bf16")
+    fp32 = ModelRunner(tiny_model, tile=64, overlap=8, precision="fp32")
+    bf16 = ModelRunner(tiny_model, tile=64, overlap=8, precision="bf16")
     assert not fp32.bf16 and bf16.bf16
     a, b = fp32.restore_array(noisy), bf16.restore_array(noisy)
     assert a.shape == b.shape == noisy.shape

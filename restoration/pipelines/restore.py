@@ -7,9 +7,15 @@ Every stage takes and returns Arrow tables with an explicit schema, so a row tha
 `error = "<stage>: <reason>"` and flows on: rows out = rows in. The stages are pure functions over tables (tested
 without Ray); only `run_restore` knows about Ray.
 
-Gray models on colour input restore each channel as a gray image (noise and JPEG damage are per channel, so this
-keeps all of the model's gain; the correlation between channels is what a colour model adds). Colour models on gray
-input see the gray channel replicated three times and their output is averaged back to one channel.
+Which model restores an image: `--model denoise` or `--model restore` (a model family) picks, per image, the gray
+variant (`denoise-gray`) for gray images (L, LA, I;16, 1) and the colour variant (`denoise-color`) for colour ones
+(RGB, RGBA, P, CMYK, ...: everything codec.decode turns into 3 channels); alpha is kept aside and re-attached
+untouched. Any other name, path or URI is used for every image as given, adapting channels: a gray model on colour
+input restores each channel as a gray image (noise and JPEG damage are per channel, so this keeps most of the model's
+gain; the correlation between channels is what a colour model adds); a colour model on gray input sees the gray
+channel replicated three times and its output is averaged back to one channel. Every output row names the model
+that restored it (`model`, `model_sha256`) and how (`model_applied`: "native", "per-channel" or "replicated"), and
+the manifest counts rows per model and per way applied.
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ STAGE_SCHEMA = pa.schema(
         ("input_psnr", pa.float64()),
         ("elapsed_ms", pa.float64()),
         ("error", pa.string()),
+        ("model", pa.string()),  # set by RestoreActor: the model that restored the row ...
+        ("model_sha256", pa.string()),
+        ("model_applied", pa.string()),  # ... and how: "native", "per-channel" or "replicated"
     ]
 )
 OUTPUT_SCHEMA = pa.schema(
@@ -67,8 +76,20 @@ OUTPUT_SCHEMA = pa.schema(
         ("run_id", pa.string()),
         ("error", pa.string()),
         ("restored_at", pa.float64()),  # Unix seconds when encode_batch finished the row (throughput timelines)
+        ("model_applied", pa.string()),  # "native", "per-channel" (gray model, colour image), "replicated" (converse)
     ]
 )
+
+# `--model FAMILY` resolves per image: the gray variant for 1-channel images, the colour variant for 3-channel ones.
+MODEL_FAMILIES = {"denoise": ("denoise-gray", "denoise-color"), "restore": ("restore-gray", "restore-color")}
+
+
+def models_by_channels(model: str) -> dict[int, str]:
+    """The model that restores images of each channel count (1, 3): a family's variants, else `model` for both."""
+    if model in MODEL_FAMILIES:
+        gray, color = MODEL_FAMILIES[model]
+        return {1: gray, 3: color}
+    return {1: model, 3: model}
 
 
 @dataclass(frozen=True)
@@ -77,7 +98,7 @@ class RestoreConfig:
 
     input: str
     output: str
-    model: str = "denoise-gray"
+    model: str = "denoise"  # a family of MODEL_FAMILIES (per-image choice), or a bundled name, file or URI
     degrade: str | None = None  # spec applied before restoring (evaluation): the clean image becomes the reference
     seed: int = 0  # run seed; an image's degradation seed is derived from (seed, key)
     run_id: str | None = None
@@ -181,20 +202,17 @@ def decode_batch(
     return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
 
 
-class RestoreActor:
-    """Holds one restorer on its device and restores batches: same-shape images run as one tensor batch, images
-    larger than the tile run tile by tile. Loads the model once, in `__init__`."""
+class ModelRunner:
+    """One restorer on its device, run the way the pipeline runs it: batch norm folded, bf16 autocast and channels-last
+    where they pay, images larger than the tile restored tile by tile, channels adapted to the model's."""
 
-    def __init__(
-        self, model: str, tile: int = 512, overlap: int = 32, threads: int | None = None, precision: str = "auto"
-    ) -> None:
+    def __init__(self, model: str, tile: int = 512, overlap: int = 32, precision: str = "auto") -> None:
         import torch
 
         from restoration.device import default_device, use_bf16
 
-        if threads:
-            torch.set_num_threads(threads)
         self.loaded = load_restorer(model)
+        self.label = model_label(model)
         self.device = default_device()
         net = self.loaded.module
         if hasattr(net, "fold_batch_norm"):
@@ -213,28 +231,11 @@ class RestoreActor:
         if self.tile <= 2 * self.overlap + self.align:
             self.tile = 2 * self.overlap + max(self.overlap, 64)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
-
-        rows = batch.to_pylist()
-        groups: dict[tuple[int, int, int], list[int]] = {}
-        for i, row in enumerate(rows):
-            if row["error"] is None:
-                groups.setdefault((row["height"], row["width"], row["channels"]), []).append(i)
-        for (h, w, c), idx in groups.items():
-            t0 = time.perf_counter()
-            try:
-                stack = np.stack([_float_view(rows[i]["pixels"], h, w, c) for i in idx])  # (N, H, W, C)
-                with torch.inference_mode():
-                    out = self.restore_array(stack)  # (N, H, W, C)
-                per_row_ms = 1e3 * (time.perf_counter() - t0) / len(idx)
-                for j, i in enumerate(idx):
-                    rows[i]["pixels"] = np.ascontiguousarray(out[j], dtype=np.float32).tobytes()
-                    rows[i]["elapsed_ms"] += per_row_ms
-            except Exception as e:  # one bad group must not take the batch down: its rows become error rows
-                for i in idx:
-                    rows[i].update(pixels=None, error=f"restore: {type(e).__name__}: {str(e)[:200]}")
-        return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
+    def applied(self, channels: int) -> str:
+        """How this model treats `channels`-channel images: "native", "per-channel" or "replicated"."""
+        if channels == self.channels:
+            return "native"
+        return "per-channel" if self.channels == 1 else "replicated"
 
     def restore_array(self, images: np.ndarray) -> np.ndarray:
         """Restore (N, H, W, C) float images with the model, adapting channels (see the module docstring)."""
@@ -273,14 +274,66 @@ class RestoreActor:
                 tile //= 2
 
 
+class RestoreActor:
+    """Restores batches of decoded rows with the model each image calls for (`models_by_channels`): same-shape images
+    run as one tensor batch. Loads its model(s) once, in `__init__`."""
+
+    def __init__(
+        self, model: str, tile: int = 512, overlap: int = 32, threads: int | None = None, precision: str = "auto"
+    ) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        names = models_by_channels(model)
+        runners = {name: ModelRunner(name, tile, overlap, precision) for name in dict.fromkeys(names.values())}
+        self.runners = {c: runners[name] for c, name in names.items()}
+
+    def runner(self, channels: int) -> ModelRunner:
+        return self.runners[channels]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        rows = batch.to_pylist()
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, row in enumerate(rows):
+            if row["error"] is None:
+                groups.setdefault((row["height"], row["width"], row["channels"]), []).append(i)
+        for (h, w, c), idx in groups.items():
+            t0 = time.perf_counter()
+            runner = self.runner(c)
+            used = {"model": runner.label, "model_sha256": runner.loaded.sha256, "model_applied": runner.applied(c)}
+            try:
+                stack = np.stack([_float_view(rows[i]["pixels"], h, w, c) for i in idx])  # (N, H, W, C)
+                with torch.inference_mode():
+                    out = runner.restore_array(stack)  # (N, H, W, C)
+                per_row_ms = 1e3 * (time.perf_counter() - t0) / len(idx)
+                for j, i in enumerate(idx):
+                    rows[i].update(used, pixels=np.ascontiguousarray(out[j], dtype=np.float32).tobytes())
+                    rows[i]["elapsed_ms"] += per_row_ms
+            except Exception as e:  # one bad group must not take the batch down: its rows become error rows
+                for i in idx:
+                    rows[i].update(used, pixels=None, error=f"restore: {type(e).__name__}: {str(e)[:200]}")
+        return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
+
+    def restore_array(self, images: np.ndarray) -> np.ndarray:
+        """Restore (N, H, W, C) float images with the model for C channels (see `ModelRunner.restore_array`)."""
+        return self.runner(images.shape[3]).restore_array(images)
+
+
 def _png_mode(channels: int, has_alpha: bool, bit_depth: int) -> str:
     if channels == 1:
         return "LA" if has_alpha else ("I;16" if bit_depth == 16 else "L")
     return "RGBA" if has_alpha else "RGB"
 
 
-def encode_batch(batch: pa.Table, model: str, model_sha256: str, run_id: str) -> pa.Table:
+def encode_batch(batch: pa.Table, model: str, model_sha256: str | None, run_id: str) -> pa.Table:
     """Encode restored rows as PNG (alpha re-attached, 16-bit kept), with PSNR/SSIM against the reference.
+
+    Args:
+        model, model_sha256: the run's model, for rows no model saw (they failed before restoring); restored rows
+            carry the model that restored them.
 
     Returns:
         An OUTPUT_SCHEMA table, one row per input row.
@@ -290,8 +343,9 @@ def encode_batch(batch: pa.Table, model: str, model_sha256: str, run_id: str) ->
         t0 = time.perf_counter()
         result = {
             "key": row["key"],
-            "model": model,
-            "model_sha256": model_sha256,
+            "model": row.get("model") or model,
+            "model_sha256": row.get("model_sha256") or model_sha256,
+            "model_applied": row.get("model_applied"),
             "degradation": row["degradation"],
             "input_psnr": row["input_psnr"],
             "run_id": run_id,
@@ -341,7 +395,9 @@ class RestoreReport:
     mean_ssim: float | None = None
     mean_input_psnr: float | None = None
     model: str = ""
-    model_sha256: str = ""
+    model_sha256: str = ""  # "" when --model is a family: `models` names each model used
+    models: dict = field(default_factory=dict)  # model label -> {"sha256", "rows"} over the restored rows
+    model_applied: dict = field(default_factory=dict)  # "native" / "per-channel" / "replicated" -> rows
     config: dict = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -376,6 +432,17 @@ def read_output(uri: str, columns: list[str], schema: pa.Schema = OUTPUT_SCHEMA)
     return pa.concat_tables(tables)
 
 
+def _models_used(written: pa.Table) -> dict:
+    used: dict[str, dict] = {}
+    for name, sha, applied in zip(
+        *(written.column(c).to_pylist() for c in ("model", "model_sha256", "model_applied")), strict=True
+    ):
+        if applied is not None:  # restored by that model (rows that failed before restoring name the run's model)
+            entry = used.setdefault(name, {"sha256": sha, "rows": 0})
+            entry["rows"] += 1
+    return used
+
+
 def run_restore(config: RestoreConfig) -> RestoreReport:
     """Run a restore job on the current Ray cluster (a local one when none is configured).
 
@@ -387,7 +454,9 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     from restoration.cluster import actor_resources, init_ray
 
     t_start = time.perf_counter()
-    loaded = load_restorer(config.model)  # fail fast on a bad model, before Ray starts
+    # Fail fast on a bad model, before Ray starts; a family needs both of its variants.
+    loaded = {name: load_restorer(name) for name in dict.fromkeys(models_by_channels(config.model).values())}
+    run_sha256 = next(iter(loaded.values())).sha256 if len(loaded) == 1 else None  # rows name their own model
     run_id = config.run_id or default_run_id()
     out_uri = run_dir(config.output, run_id)
     data.input_files(config.input)  # fail fast on a missing or empty input, before Ray starts
@@ -431,7 +500,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     model_name = model_label(config.model)
     ds = ds.map_batches(
         encode_batch,
-        fn_kwargs={"model": model_name, "model_sha256": loaded.sha256, "run_id": run_id},
+        fn_kwargs={"model": model_name, "model_sha256": run_sha256, "run_id": run_id},
         batch_format="pyarrow",
         batch_size=config.batch_size,
     )
@@ -440,7 +509,10 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     seconds = time.perf_counter() - t_start
 
     # The manifest counts what is really in the output (earlier attempts of a resumed run included).
-    written = read_output(out_uri, ["key", "width", "height", "psnr", "ssim", "input_psnr", "error"])
+    written = read_output(
+        out_uri,
+        ["key", "width", "height", "psnr", "ssim", "input_psnr", "error", "model", "model_sha256", "model_applied"],
+    )
     errors = [e for e in written.column("error").to_pylist() if e is not None]
     stages = Counter(e.split(":", 1)[0] for e in errors)
     ok_mask = pc.is_null(written.column("error"))
@@ -475,7 +547,9 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         mean_ssim=mean("ssim"),
         mean_input_psnr=mean("input_psnr"),
         model=model_name,
-        model_sha256=loaded.sha256,
+        model_sha256=run_sha256 or "",
+        models=_models_used(written),
+        model_applied=dict(Counter(v for v in written.column("model_applied").to_pylist() if v is not None)),
         config=asdict(config) | {"run_id": run_id, "workers": workers, "gpu": use_gpu},
     )
     storage.write_bytes(storage.join(out_uri, "_manifest.json"), json.dumps(asdict(report), indent=2).encode())
