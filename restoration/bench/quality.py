@@ -1,7 +1,7 @@
 """`restoration bench quality`: the bundled restorers against BM3D and classical denoisers, gray and colour.
 
 Every method sees the same degraded array and runs under the same thread limit; models run through
-`RestoreActor.restore_array`, the code path of the production restore pipeline (tiling and channel adaptation
+`ModelRunner.restore_array`, the code path of the production restore pipeline (tiling and channel adaptation
 included). The protocol is the DnCNN/KAIR one (see DESIGN.md): clean image in [0, 1], noise N(0, sigma/255) added in
 float with a seed fixed per (image, sigma), not clipped before the method; every output is clipped to [0, 1]; PSNR over
 the whole image (all channels) with data range 1; SSIM from `restoration.metrics`.
@@ -178,13 +178,16 @@ CLASSICAL = {
 
 
 class _Model:
-    """One restorer run exactly as the restore pipeline runs it (RestoreActor.restore_array)."""
+    """One restorer run exactly as the restore pipeline runs it (ModelRunner.restore_array)."""
 
     def __init__(self, name: str, threads: int, color: bool) -> None:
-        from restoration.checkpoint import model_label
-        from restoration.pipelines.restore import RestoreActor
+        import torch
 
-        self.actor = RestoreActor(name, threads=threads)
+        from restoration.checkpoint import model_label
+        from restoration.pipelines.restore import ModelRunner
+
+        torch.set_num_threads(threads)
+        self.actor = ModelRunner(name)
         self.label = model_label(name)
         model_channels = self.actor.channels
         self.method = self.label
@@ -567,7 +570,7 @@ def _markdown(result: QualityResult) -> str:
         "(Wang et al. 2004, 11x11 Gaussian window). Cells are 'PSNR dB / SSIM', means over the images; s/MP is the "
         "wall time of the method call divided by the megapixels, summed over images and degradations; CPU s/MP is the "
         "same with the process's CPU time (all threads), which other load on a shared machine does not inflate. "
-        "Models run through `RestoreActor.restore_array`, the production code path.",
+        "Models run through `ModelRunner.restore_array`, the production code path.",
         "",
         f"- Images: {len(result.image_names)} from {result.image_set}; sizes {', '.join(sizes)}",
         f"- Threads: {result.threads} (torch, BLAS and BM3D limited to it); CPU: {device['cpu']} "

@@ -470,7 +470,7 @@ def _sync(device) -> None:
 
 def limit_batches(actor, work: list[WorkImage], batch_size: int) -> list:
     """Pre-decoded model inputs: the distinct images decoded as the pipeline decodes them (`codec.decode`), adapted
-    to the model's channels as `RestoreActor.restore_array` does, grouped by shape into batches of `batch_size`, in
+    to the model's channels as `ModelRunner.restore_array` does, grouped by shape into batches of `batch_size`, in
     the actor's memory format on its device.
 
     Returns:
@@ -668,7 +668,9 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
 
     noisy, _, origin = env["work"]
     workers, use_gpu, threads, actor_cpus = env["resources"]
-    actor = RestoreActor(config.model, threads=threads, precision="auto")  # sets this process's torch threads
+    # The model the pipeline's actor runs on these (gray) images; building the actor sets this process's threads.
+    channels = codec.decode(noisy[0].png).pixels.shape[2]
+    actor = RestoreActor(config.model, threads=threads, precision="auto").runner(channels)
     batches = limit_batches(actor, noisy, config.batch_size)
     per_batch = max(n for n, _, _ in batches)
 

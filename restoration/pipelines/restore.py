@@ -80,6 +80,10 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 
+# CPUs reserved by each decode and encode task. It must differ from the restore actors' reservation: operators with
+# equal reservations are fused, and decode fused into the actor runs on the model's core, in series with the model.
+DATA_TASK_CPUS = 0.5
+
 # `--model FAMILY` resolves per image: the gray variant for 1-channel images, the colour variant for 3-channel ones.
 MODEL_FAMILIES = {"denoise": ("denoise-gray", "denoise-color"), "restore": ("restore-gray", "restore-color")}
 
@@ -481,6 +485,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         fn_kwargs={"degradation": config.degrade, "seed": config.seed, "max_pixels": config.max_pixels},
         batch_format="pyarrow",
         batch_size=config.batch_size,
+        num_cpus=DATA_TASK_CPUS,  # unlike the actors' reservation, so Ray Data does not fuse decode into the actor
     )
     ds = ds.map_batches(
         RestoreActor,
@@ -503,9 +508,12 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         fn_kwargs={"model": model_name, "model_sha256": run_sha256, "run_id": run_id},
         batch_format="pyarrow",
         batch_size=config.batch_size,
+        num_cpus=DATA_TASK_CPUS,
     )
     out_fs, out_path = storage.resolve(out_uri)
-    ds.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=256)
+    ds.write_parquet(
+        out_path, filesystem=out_fs, min_rows_per_file=256, ray_remote_args={"num_cpus": DATA_TASK_CPUS}
+    )  # same reservation as encode: the two fuse into one task
     seconds = time.perf_counter() - t_start
 
     # The manifest counts what is really in the output (earlier attempts of a resumed run included).
