@@ -1,7 +1,7 @@
 """Bundle a trained restorer: copy a run's exported model into restoration/weights/ with its JSON record.
 
     python scripts/bundle_restorer.py RUN_MODEL_FILE NAME --task "..." --command "restoration train ..." \
-        [--eval-images DIR] [--channels 1|3] [--wall-seconds S]
+        [--eval-images DIR|color-samples] [--wall-seconds S]
 
 The record holds what made the model (preset, training config, command, wall time) and what it measures on the
 evaluation images with the benchmark protocol (noise added in float with seed 0, not clipped; PSNR on the whole image,
@@ -23,6 +23,8 @@ from restoration import degrade, metrics
 from restoration.checkpoint import WEIGHTS_DIR, load_model
 from restoration.pipelines.restore import RestoreActor
 from restoration.train.patches import load_images
+
+COLOR_SAMPLES = "color-samples"
 
 
 def measure(model_file: Path, images: list[np.ndarray], restore_kinds: bool) -> dict:
@@ -58,14 +60,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", required=True)
     p.add_argument("--command", required=True, help="the training command(s) that made the model")
     p.add_argument("--trained-on", required=True)
-    p.add_argument("--eval-images", default=str(Path(__file__).resolve().parents[1].parent / "shared/datasets/Set12"))
+    p.add_argument(
+        "--eval-images",
+        default=str(Path(__file__).resolve().parents[1].parent / "shared/datasets/Set12"),
+        help=f"folder of evaluation images (default: Set12), or {COLOR_SAMPLES!r}: the 7 photos of bench quality --color",
+    )
     p.add_argument("--wall-seconds", type=float, default=None, help="training wall time, all sessions together")
     p.add_argument("--note", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
 
     loaded = load_model(args.model_file, expected_kind="restorer")
-    images = load_images(args.eval_images, channels=loaded.config.channels)
+    if args.eval_images == COLOR_SAMPLES:
+        from restoration.bench.quality import QualityConfig, load_benchmark_images
+
+        _, _, images = load_benchmark_images(QualityConfig(color=True))
+    else:
+        images = load_images(args.eval_images, channels=loaded.config.channels)
     dest = WEIGHTS_DIR / f"{args.name}.pt"
     shutil.copyfile(args.model_file, dest)
     record = {

@@ -238,3 +238,26 @@ def test_a_short_adam_run_learns_to_denoise_a_real_photo(arch):
 
     # Measured: about +6 dB (dncnn) and +2.5 dB (fast, which learns more slowly at this depth) over the noisy input.
     assert psnr(restored) > psnr(noisy) + 1.5
+
+
+def test_batch_norm_recalibration_is_the_plain_average_over_the_batches_and_keeps_the_weights():
+    from restoration.train.restorer_core import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    model = Restorer(tiny("dncnn", 1))
+    bn = model.body[1].bn
+    bn.running_mean.fill_(5.0)  # stale statistics, as training can leave them
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    batches = [torch.rand(4, 1, 16, 16) * (i + 1) for i in range(3)]  # three different input scales
+    # What each batch alone gives the first BN layer: the per-channel mean of its input, averaged over the batches.
+    means = []
+    for x in batches:
+        feats = model.body[0](x)
+        means.append(model.body[1].conv(feats).mean(dim=(0, 2, 3)))
+    model.eval()
+    assert recalibrate_batch_norm(model, iter(batches)) == 3
+    assert torch.allclose(bn.running_mean, torch.stack(means).mean(0), atol=1e-5)
+    assert bn.momentum == 0.1 and not model.training  # restored
+    for k, v in model.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k]), k

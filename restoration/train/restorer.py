@@ -12,7 +12,9 @@ resumed at an epoch boundary draws exactly the patches an uninterrupted one woul
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from restoration.train.restorer_core import (
     degrade_patches,
     evaluate_psnr,
     lr_factor,
+    recalibrate_batch_norm,
     restorer_step,
 )
 
@@ -69,6 +72,8 @@ class RestorerTrainConfig:
     loss: str = "l2"
     seed: int = 0
     precision: str = "fp32"  # "bf16": bfloat16 autocast + channels-last (CUDA, or CPUs with AMX/AVX512-BF16)
+    # After each epoch, BatchNorm statistics are re-estimated on this many fresh batches (0: keep the running ones).
+    bn_recalibration_batches: int = 50
     init_from: str | None = None  # model name or file to start from (same architecture); ignored when resuming
     # Validation: PSNR at `val_sigma` on the held-out images, central crops of at most `val_max_side`.
     val_sigma: float = 25.0
@@ -83,6 +88,8 @@ class RestorerTrainConfig:
         self.degrade_mix()
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.bn_recalibration_batches < 0:
+            raise ValueError(f"bn_recalibration_batches must be >= 0, got {self.bn_recalibration_batches}")
         for name in ("patch_size", "batch_size", "steps_per_epoch", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -194,22 +201,39 @@ def train_epoch(
     Returns:
         The loss of every step.
     """
-    bf16 = cfg.precision == "bf16"
-    memory_format = torch.channels_last if bf16 else torch.contiguous_format
-    noise = NoiseSpec(**cfg.noise_kwargs())
-    mix = cfg.degrade_mix()
     total_steps = cfg.epochs * cfg.steps_per_epoch
     model.train()
-    sampler = PatchSampler(images, cfg.patch_size, np.random.default_rng([cfg.seed, rank, epoch]))
-    noise_seed = int(np.random.SeedSequence([cfg.seed, rank, epoch]).generate_state(1)[0])
-    generator = torch.Generator(device=device).manual_seed(noise_seed)
-    mix_rng = np.random.default_rng([cfg.seed, rank, epoch, 1])
     losses = []
-    for step in range(cfg.steps_per_epoch):
+    batches = itertools.islice(training_batches(cfg, images, (cfg.seed, rank, epoch), device), cfg.steps_per_epoch)
+    for step, (noisy, clean) in enumerate(batches):
         lr = cfg.lr * lr_factor(cfg.lr_schedule, (epoch * cfg.steps_per_epoch + step) / total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # Sample a batch, degrade it.
+        with autocast(cfg, device):
+            losses.append(restorer_step(model, optimizer, noisy, clean, loss=cfg.loss)["loss"])
+    return losses
+
+
+def autocast(cfg: RestorerTrainConfig, device: torch.device):
+    """bf16 autocast on GPUs always, on CPUs when `cfg.precision` asks for it."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.precision == "bf16")
+
+
+def training_batches(
+    cfg: RestorerTrainConfig, images: list[np.ndarray], seed: tuple[int, ...], device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (degraded, clean) batches of random patches, degraded as `cfg` says, seeded by `seed`.
+
+    Returns:
+        An iterator of ((B, C, p, p), (B, C, p, p)) tensors on `device`, channels-last under bf16.
+    """
+    memory_format = torch.channels_last if cfg.precision == "bf16" else torch.contiguous_format
+    noise = NoiseSpec(**cfg.noise_kwargs())
+    mix = cfg.degrade_mix()
+    sampler = PatchSampler(images, cfg.patch_size, np.random.default_rng(list(seed)))
+    generator = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
+    mix_rng = np.random.default_rng([*seed, 1])
+    while True:
         patches = sampler.sample(cfg.batch_size)  # (B, C, p, p)
         clean = torch.from_numpy(patches).to(device, memory_format=memory_format, non_blocking=True)
         if mix is None:
@@ -217,10 +241,17 @@ def train_epoch(
         else:  # blur/JPEG run on the CPU, patch by patch
             noisy = torch.from_numpy(degrade_patches(patches, mix, mix_rng))
             noisy = noisy.to(device, memory_format=memory_format, non_blocking=True)
-        # Update weights (bf16 autocast on GPU always; on CPU when asked for).
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or bf16):
-            losses.append(restorer_step(model, optimizer, noisy, clean, loss=cfg.loss)["loss"])
-    return losses
+        yield noisy, clean
+
+
+def recalibrate(model: torch.nn.Module, cfg: RestorerTrainConfig, images: list[np.ndarray], seed, device) -> int:
+    """Re-estimate the model's BatchNorm statistics on `cfg.bn_recalibration_batches` fresh training batches."""
+    if cfg.bn_recalibration_batches == 0:
+        return 0
+    batches = training_batches(cfg, images, (*seed, 2), device)  # a stream of its own: training batches unchanged
+    with autocast(cfg, device):
+        inputs = (noisy for noisy, _ in itertools.islice(batches, cfg.bn_recalibration_batches))
+        return recalibrate_batch_norm(model, inputs)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -250,6 +281,7 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.perf_counter()
         losses = train_epoch(model, optimizer, cfg, train_images, rank, epoch, device)
         seconds = time.perf_counter() - t0
+        recalibrate(net, cfg, train_images, (cfg.seed, rank, epoch), device)  # before validating and saving
 
         # Validate (rank 0) and report; rank 0 hands over the checkpoint.
         metrics = {
