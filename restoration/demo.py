@@ -1,5 +1,6 @@
 """`make demo`: the main job end to end on embedded defaults — a real S3 server on loopback (SeaweedFS), a local Ray
-cluster, the bundled `denoise-gray` model, and the sample photos that ship with scikit-image and scikit-learn.
+cluster, the bundled denoisers (`denoise-gray` for the gray photos, `denoise-color` for the colour ones), and the
+sample photos that ship with scikit-image and scikit-learn.
 
     sample photos ─ ingest ─► Parquet shards on S3 ─ restore --degrade noise:25 ─► Parquet on S3 ─► ./demo-output/
     bundled DCGAN and VAE ─ synthesize 64 images each ─► Parquet on S3, preview grids ─► ./demo-output/
@@ -22,7 +23,7 @@ from PIL import Image
 from restoration import codec, data, degrade, metrics, samples, storage
 from restoration.s3server import EmbeddedS3
 
-DEMO_MODEL = "denoise-gray"
+DEMO_MODEL = "denoise"  # the gray or colour denoiser, per photo
 DEMO_DEGRADATION = "noise:25"
 DEMO_GENERATORS = ("dcgan-fmnist", "vae-fmnist")
 

@@ -51,6 +51,10 @@ def _encoded(mode: str) -> bytes:
     return buf.getvalue()
 
 
+def _name(mode: str) -> str:
+    return f"{mode}.jpg" if mode == "CMYK" else f"{mode}.png"
+
+
 # Input mode -> (model variant the family picks, mode of the restored PNG).
 EXPECTED = {
     "L": ("tiny-gray", "L"),
@@ -130,3 +134,22 @@ def test_bundled_restore_color_removes_jpeg_damage_without_shifting_colours():
     assert metrics.psnr(restored, clean) > metrics.psnr(damaged, clean) + 0.5
     # No colour cast: the mean of each channel stays where the clean image has it.
     assert np.abs(restored.mean(axis=(0, 1)) - clean.mean(axis=(0, 1))).max() < 0.01
+
+
+def test_pipeline_restores_a_folder_of_mixed_modes_with_the_family_and_counts_models(ray_cluster, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for mode in EXPECTED:
+        (folder / _name(mode)).write_bytes(_encoded(mode))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    report = restore.run_restore(
+        restore.RestoreConfig(input=str(folder), output=str(tmp_path / "out"), run_id="mixed", precision="fp32")
+    )
+    assert (report.rows_in, report.rows_out, report.ok, report.errors) == (7, 7, 6, 1)
+    assert report.model == "denoise" and report.model_applied == {"native": 6}
+    assert {name: entry["rows"] for name, entry in report.models.items()} == {"denoise-gray": 2, "denoise-color": 4}
+    rows = {r["key"]: r for r in restore.read_output(report.output, ["key", "model", "mode", "error"]).to_pylist()}
+    assert rows["broken.png"]["error"].startswith("decode:") and rows["broken.png"]["model"] == "denoise"
+    for mode, (variant, out_mode) in EXPECTED.items():
+        assert rows[_name(mode)]["model"] == variant.replace("tiny", "denoise"), mode
+        assert rows[_name(mode)]["mode"] == out_mode, mode

@@ -27,7 +27,9 @@ def test_demo_ingests_restores_and_writes_a_contact_sheet(tmp_path):
     assert f"ingested {n} images" in proc.stdout
     assert f"restored {n} ok, 0 errors of {n} rows" in proc.stdout
     manifest = json.loads((tmp_path / "run_id=demo" / "_manifest.json").read_text())
-    assert manifest["rows_out"] == n and manifest["model"] == "denoise-gray"
+    assert manifest["rows_out"] == n and manifest["model"] == "denoise"
+    gray = sum(1 for name in samples.SAMPLE_PHOTOS if name in samples.GRAY_PHOTOS)
+    assert {k: v["rows"] for k, v in manifest["models"].items()} == {"denoise-gray": gray, "denoise-color": n - gray}
     # The bundled model really restores: a clear PSNR gain over the σ = 25 noisy input on real photos.
     assert manifest["mean_psnr"] > manifest["mean_input_psnr"] + 4.0
     table = pq.read_table(tmp_path / "run_id=demo")
