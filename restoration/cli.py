@@ -401,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, StorageError, ValueError, FileNotFoundError) as e:
-        # Errors the user can act on: one line, no traceback. Anything else is a bug and keeps its traceback.
+    except (UsageError, StorageError, ValueError, OSError) as e:
+        # Errors the user can act on (OSError: a file, the network or the store): one line, no traceback. Anything
+        # else is a bug and keeps its traceback.
         print(f"restoration: error: {redact(str(e)).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

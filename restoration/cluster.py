@@ -33,6 +33,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     address = os.environ.get("RAY_ADDRESS") or None
     env_vars = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    if address is None:
+        # A local cluster's workers inherit this process's environment: forwarding would only copy the secrets
+        # into Ray's runtime-env logs.
+        env_vars = {}
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # Inside a submitted job the job's runtime_env already reaches every worker, and Ray refuses to merge a
         # second one into it.

@@ -252,7 +252,7 @@ def input_files(uri: str) -> tuple[str, list[str]]:
     Hidden files and names starting with '_' (manifests, error lists) are never inputs.
     """
     fs, root = storage.resolve(uri)
-    info = fs.get_file_info(root)
+    info = storage.file_info(uri)  # wrong credentials or an unreachable store: a StorageError naming the URI
     if info.type.name == "NotFound":
         raise storage.StorageError(f"input not found: {uri}")
     if info.type.name == "File":

@@ -51,8 +51,29 @@ def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 
 
+class _RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem, pickled with everything it was built from.
+
+    pyarrow pickles an S3FileSystem without its retry strategy, so the copies Ray ships to its read and write tasks
+    fell back to the SDK default (3 attempts within about a second) and a store restart failed the run. This one
+    rebuilds itself from the same arguments, retry strategy included.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._kwargs = kwargs
+
+    def __reduce__(self):
+        return _rebuild_s3, (self._kwargs,)
+
+
+def _rebuild_s3(kwargs: dict) -> _RetryingS3FileSystem:
+    return _RetryingS3FileSystem(**kwargs)
+
+
 def s3_filesystem(settings: S3Settings | None = None) -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem for `settings` (default: from the environment), with retries."""
+    """A pyarrow S3 filesystem for `settings` (default: from the environment), with retries that survive pickling
+    (Ray tasks get the same retries as the driver)."""
     s = settings or S3Settings.from_env()
     kwargs: dict = {
         "region": s.region,
@@ -67,7 +88,7 @@ def s3_filesystem(settings: S3Settings | None = None) -> pafs.S3FileSystem:
         kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
         # MinIO and SeaweedFS serve path-style URLs; AWS itself stays on virtual-hosted style.
         kwargs["force_virtual_addressing"] = False
-    return pafs.S3FileSystem(**kwargs)
+    return _RetryingS3FileSystem(**kwargs)
 
 
 def boto3_client(settings: S3Settings | None = None):
@@ -123,7 +144,7 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
     except FileNotFoundError:
         raise StorageError(f"not found: {uri}") from None
     except OSError as e:
-        raise StorageError(f"cannot read {uri}: {redact(str(e))}") from None
+        raise StorageError(f"cannot read {uri}: {_reason(e)}") from None
 
 
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
@@ -135,12 +156,21 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
         with fs.open_output_stream(path) as f:
             f.write(data)
     except OSError as e:
-        raise StorageError(f"cannot write {uri}: {redact(str(e))}") from None
+        raise StorageError(f"cannot write {uri}: {_reason(e)}") from None
+
+
+def file_info(uri: str | os.PathLike) -> pafs.FileInfo:
+    """What is at `uri` (`.type` is NotFound when nothing is); a store that refuses or cannot be reached is a
+    StorageError naming the URI, never a bare OSError."""
+    fs, path = resolve(uri)
+    try:
+        return fs.get_file_info(path)
+    except OSError as e:
+        raise StorageError(f"cannot access {uri}: {_reason(e)}") from None
 
 
 def exists(uri: str | os.PathLike) -> bool:
-    fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return file_info(uri).type != pafs.FileType.NotFound
 
 
 def list_files(uri: str | os.PathLike, recursive: bool = True) -> Iterator[pafs.FileInfo]:
@@ -153,7 +183,7 @@ def list_files(uri: str | os.PathLike, recursive: bool = True) -> Iterator[pafs.
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
     except OSError as e:
-        raise StorageError(f"cannot list {uri}: {redact(str(e))}") from None
+        raise StorageError(f"cannot list {uri}: {_reason(e)}") from None
     yield from sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 
@@ -163,11 +193,19 @@ def ensure_bucket(uri: str) -> None:
         return
     bucket = urlparse(uri).netloc
     fs = s3_filesystem()
-    if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+    if file_info(f"s3://{bucket}").type == pafs.FileType.NotFound:
         try:
             fs.create_dir(bucket)
         except OSError as e:
-            raise StorageError(f"cannot create bucket {bucket!r}: {redact(str(e))}") from None
+            raise StorageError(f"cannot create bucket {bucket!r}: {_reason(e)}") from None
+
+
+def _reason(error: OSError) -> str:
+    """An OSError from the store as one redacted line, with a hint when the store refused the credentials."""
+    text = redact(str(error)).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if any(code in text for code in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")):
+        text += " (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+    return text
 
 
 def redact(text: str, settings: S3Settings | None = None) -> str:

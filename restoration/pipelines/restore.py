@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
+import re
 import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -402,6 +405,7 @@ class RestoreReport:
     model_sha256: str = ""  # "" when --model is a family: `models` names each model used
     models: dict = field(default_factory=dict)  # model label -> {"sha256", "rows"} over the restored rows
     model_applied: dict = field(default_factory=dict)  # "native" / "per-channel" / "replicated" -> rows
+    duplicates: int = 0  # output rows whose key another output row already has (0 unless something is wrong)
     config: dict = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -424,12 +428,17 @@ def default_run_id() -> str:
 
 
 def read_output(uri: str, columns: list[str], schema: pa.Schema = OUTPUT_SCHEMA) -> pa.Table:
-    """Read columns of a run's Parquet files (all files of the run folder, markers excluded); an empty table with
-    the columns of `schema` when the run has written nothing yet."""
+    """Read columns of a run's Parquet files (all files of the run folder; markers and anything under a name starting
+    with '_' or '.' excluded); an empty table with the columns of `schema` when the run has written nothing yet."""
     fs, root = storage.resolve(uri)
     files = []
-    if fs.get_file_info(root).type.name != "NotFound":
-        files = [i.path for i in storage.list_files(uri) if i.path.endswith(".parquet")]
+    if storage.file_info(uri).type.name != "NotFound":
+        files = [
+            i.path
+            for i in storage.list_files(uri)
+            if i.path.endswith(".parquet")
+            and not any(part.startswith(("_", ".")) for part in posixpath.relpath(i.path, root).split("/"))
+        ]
     tables = [pq.read_table(f, filesystem=fs, columns=columns) for f in files]
     if not tables:
         return pa.table({c: pa.array([], schema.field(c).type) for c in columns})
@@ -450,8 +459,21 @@ def _models_used(written: pa.Table) -> dict:
 def run_restore(config: RestoreConfig) -> RestoreReport:
     """Run a restore job on the current Ray cluster (a local one when none is configured).
 
+    What readers see: Ray Data writes an attempt's Parquet files under a staging prefix,
+    `OUT/_staging/run_id=<id>/<attempt>/`, outside the run folder (and hidden from Hive-style readers of OUT by its
+    leading '_'). Only when the whole write has succeeded are the files moved into `OUT/run_id=<id>/` (a rename on
+    local disks; copy-then-delete of whole objects on S3, which readers never see half-written), then the manifest
+    is written. So the run folder holds only complete files of finished attempts: a crashed restore actor's batch is
+    retried by Ray and written once (write tasks name their files by task, so a retried write replaces its own file),
+    and an attempt that fails for good (the store gone for longer than the retries last) commits nothing. `--resume`
+    first discards what failed attempts left in staging, then skips the keys already in the run folder, so each key is
+    written once; the manifest counts `duplicates` (output rows whose key is already taken) to prove it.
+
     Returns:
         The report also written as `OUT/run_id=<id>/_manifest.json` (written last, after every Parquet file).
+    Raises:
+        storage.StorageError: the store failed for good during the run (one line; `--resume` finishes the run).
+        ClusterError: a task failed for good for another reason (one line naming it).
     """
     import ray
 
@@ -470,12 +492,15 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     ds = data.read_images(config.input, extra_columns=("reference",))
     rows_in = data.count_rows(config.input)  # from the Parquet footers: ds.count() would run the read once more
 
-    # Resume: keys already written by earlier attempts of this run are skipped.
+    # Resume: keys already written by earlier attempts of this run are skipped; what failed attempts left in staging
+    # never reached the run folder and is discarded (its keys are restored again).
+    staging = storage.join(config.output, "_staging", f"run_id={run_id}")
     done = set()
     if config.resume:
         done = set(read_output(out_uri, ["key"]).column("key").to_pylist())
     elif storage.exists(out_uri):
         raise ValueError(f"{out_uri} already exists: pass --resume to finish that run, or choose another --run-id")
+    remove_tree(staging)
     if done:
         done_ref = ray.put(done)
         ds = ds.filter(lambda row, d=done_ref: row["key"] not in ray.get(d))  # noqa: B008
@@ -502,7 +527,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         num_cpus=actor_cpus,
         num_gpus=1 if use_gpu else 0,
     )
-    model_name = model_label(config.model)
+    model_name = config.model if config.model in MODEL_FAMILIES else model_label(config.model)
     ds = ds.map_batches(
         encode_batch,
         fn_kwargs={"model": model_name, "model_sha256": run_sha256, "run_id": run_id},
@@ -510,10 +535,15 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         batch_size=config.batch_size,
         num_cpus=DATA_TASK_CPUS,
     )
-    out_fs, out_path = storage.resolve(out_uri)
-    ds.write_parquet(
-        out_path, filesystem=out_fs, min_rows_per_file=256, ray_remote_args={"num_cpus": DATA_TASK_CPUS}
-    )  # same reservation as encode: the two fuse into one task
+    attempt_uri = storage.join(staging, uuid.uuid4().hex[:12])
+    attempt_fs, attempt_path = storage.resolve(attempt_uri)
+    try:
+        ds.write_parquet(
+            attempt_path, filesystem=attempt_fs, min_rows_per_file=256, ray_remote_args={"num_cpus": DATA_TASK_CPUS}
+        )  # same reservation as encode: the two fuse into one task
+    except Exception as e:  # a task failed for good: nothing of this attempt reaches the run folder
+        raise run_failure("restore", run_id, e) from None
+    commit_staged(attempt_uri, out_uri)
     seconds = time.perf_counter() - t_start
 
     # The manifest counts what is really in the output (earlier attempts of a resumed run included).
@@ -558,7 +588,64 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         model_sha256=run_sha256 or "",
         models=_models_used(written),
         model_applied=dict(Counter(v for v in written.column("model_applied").to_pylist() if v is not None)),
+        duplicates=written.num_rows - len(set(written.column("key").to_pylist())),
         config=asdict(config) | {"run_id": run_id, "workers": workers, "gpu": use_gpu},
     )
     storage.write_bytes(storage.join(out_uri, "_manifest.json"), json.dumps(asdict(report), indent=2).encode())
     return report
+
+
+def commit_staged(attempt_uri: str, out_uri: str) -> None:
+    """Move an attempt's finished Parquet files from `OUT/_staging/run_id=<id>/<attempt>/` into the run folder, then
+    drop the run's staging folder (and, on a local disk, `OUT/_staging` once empty)."""
+    fs, out_path = storage.resolve(out_uri)
+    files = [i.path for i in storage.list_files(attempt_uri) if i.path.endswith(".parquet")]
+    if not storage.is_s3(out_uri):
+        fs.create_dir(out_path, recursive=True)
+    for path in files:
+        try:
+            fs.move(path, posixpath.join(out_path, posixpath.basename(path)))
+        except OSError as e:
+            raise storage.StorageError(
+                f"cannot commit {path} to {out_uri}: {storage.redact(str(e))}; rerun with --resume to finish the run"
+            ) from None
+    run_staging = attempt_uri.rstrip("/").rsplit("/", 1)[0]
+    remove_tree(run_staging)
+    if not storage.is_s3(out_uri):
+        staging_root = Path(storage.resolve(run_staging)[1]).parent
+        if staging_root.is_dir() and not any(staging_root.iterdir()):
+            staging_root.rmdir()
+
+
+def remove_tree(uri: str) -> None:
+    """Delete a folder or prefix and everything under it (nothing when it does not exist)."""
+    if storage.exists(uri):
+        fs, path = storage.resolve(uri)
+        fs.delete_dir(path)
+
+
+def run_failure(kind: str, run_id: str, error: BaseException) -> Exception:
+    """One line for a `kind` run ("restore", "synthesis") that stopped: the innermost cause (Ray wraps a task's
+    exception in its own), redacted."""
+    from restoration.cluster import ClusterError
+
+    cause, seen = error, set()
+    while id(cause) not in seen:
+        seen.add(id(cause))
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        cause = inner
+    # The task's own exception leads with its message (Ray Data appends retry advice on further lines); an exception
+    # of Ray's own carries the task's name and traceback first and the wrapped "SomeError: message" line last.
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    if type(cause).__module__.startswith("ray."):
+        named = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b[^:]*: ", line)]
+        reason = named[-1] if named else f"{type(cause).__name__}: {lines[-1] if lines else ''}"
+    else:
+        reason = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    reason = storage.redact(reason)[:300]
+    hint = "nothing of this attempt was committed; rerun with --resume to finish the run"
+    if isinstance(cause, OSError):
+        return storage.StorageError(f"{kind} run {run_id!r} stopped: the store failed: {reason}; {hint}")
+    return ClusterError(f"{kind} run {run_id!r} stopped: a task failed for good: {reason}; {hint}")

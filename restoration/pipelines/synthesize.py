@@ -18,6 +18,7 @@ import io
 import json
 import math
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -30,7 +31,14 @@ from PIL import Image
 
 from restoration import codec, degrade, storage
 from restoration.checkpoint import ModelFileError, load_named, model_label
-from restoration.pipelines.restore import default_run_id, read_output, run_dir
+from restoration.pipelines.restore import (
+    commit_staged,
+    default_run_id,
+    read_output,
+    remove_tree,
+    run_dir,
+    run_failure,
+)
 
 MODES = ("sample", "interpolate", "reconstruct")
 OUTPUT_SCHEMA = pa.schema(
@@ -326,11 +334,15 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
         )
         if manifest.get("complete") and same_work:  # a finished run: change nothing
             return SynthesizeReport(**{k: v for k, v in manifest.items() if k in SynthesizeReport.__dataclass_fields__})
+    # As in restore (see run_restore): an attempt writes under OUT/_staging/run_id=<id>/<attempt>/ and its files move
+    # into the run folder only once all of them are written; what failed attempts left in staging is discarded.
+    staging = storage.join(config.output, "_staging", f"run_id={run_id}")
     done: set[int] = set()
     if config.resume:
         done = set(read_output(out_uri, ["index"], OUTPUT_SCHEMA).column("index").to_pylist())
     elif storage.exists(out_uri):
         raise ValueError(f"{out_uri} already exists: pass --resume to finish that run, or choose another --run-id")
+    remove_tree(staging)
 
     init_ray()
     workers, use_gpu, threads, actor_cpus = actor_resources(config.workers, config.gpu)
@@ -355,8 +367,13 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
             num_cpus=actor_cpus,
             num_gpus=1 if use_gpu else 0,
         )
-        out_fs, out_path = storage.resolve(out_uri)
-        ds.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=4096)
+        attempt_uri = storage.join(staging, uuid.uuid4().hex[:12])
+        attempt_fs, attempt_path = storage.resolve(attempt_uri)
+        try:
+            ds.write_parquet(attempt_path, filesystem=attempt_fs, min_rows_per_file=4096)
+        except Exception as e:  # a task failed for good: nothing of this attempt reaches the run folder
+            raise run_failure("synthesis", run_id, e) from None
+        commit_staged(attempt_uri, out_uri)
     seconds = time.perf_counter() - t0
 
     written = read_output(out_uri, ["index", "error"], OUTPUT_SCHEMA)
