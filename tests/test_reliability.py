@@ -487,7 +487,7 @@ def test_bad_arguments_are_one_line_errors_with_no_partial_output(s3, restorer_f
         ("GAN given to restore", ["restore", shards, out, "--model", gan_file], {}, "holds a dcgan model"),
         ("negative workers", [*restore, shards, out, "--workers", "-2"], {}, "--workers: expected an integer > 0"),
         ("zero batch size", [*restore, shards, out, "--batch-size", "0"], {}, "expected an integer > 0, got '0'"),
-        ("negative overlap", [*restore, shards, out, "--overlap", "-1"], {}, "--overlap"),
+        ("negative overlap", [*restore, shards, out, "--overlap", "-1"], {}, "--overlap must be >= 0, got -1"),
         ("zero count", ["synthesize", "--model", gan_file, "--count", "0", "--out", out], {}, "got '0'"),
         ("unknown degradation", [*restore, shards, out, "--degrade", "sparkle:3"], {}, "unknown degradation 'sparkle'"),
         ("run id escaping", [*restore, shards, out, "--run-id", "../../etc"], {}, "--run-id must be a plain name"),

@@ -128,7 +128,9 @@ class RestoreConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.workers is not None and self.workers <= 0:
             raise ValueError(f"--workers must be > 0, got {self.workers}")
-        if self.overlap < 0 or self.tile <= 2 * self.overlap:
+        if self.overlap < 0:
+            raise ValueError(f"--overlap must be >= 0, got {self.overlap}")
+        if self.tile <= 2 * self.overlap:
             raise ValueError(f"--tile must be > 2 × --overlap, got tile {self.tile} and overlap {self.overlap}")
         if self.run_id is not None and (not self.run_id or "/" in self.run_id or self.run_id.startswith(".")):
             raise ValueError(f"--run-id must be a plain name (no '/', not starting with '.'), got {self.run_id!r}")

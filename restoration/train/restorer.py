@@ -265,6 +265,7 @@ def train_loop_per_worker(config: dict) -> None:
     val_images = decode_rows(launcher.shard_batches("val", 64), cfg.channels)
 
     # Build the model and optimizer; resume from the checkpoint this attempt starts from, if any.
+    torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights, hence the same run
     model = Restorer(cfg.model_config())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start_epoch = launcher.resume({"model": model, "optimizer": optimizer})
