@@ -71,7 +71,7 @@ def test_config_rejects_bad_values_with_the_value_named():
 
 
 def test_limit_runs_exactly_the_asked_images_over_shape_groups(tiny_model):
-    actor = RestoreActor(tiny_model, threads=1)
+    actor = RestoreActor(tiny_model, threads=1).runner(1)  # the model the pipeline runs on gray images
     rng = np.random.default_rng(0)
     work = []
     for i, size in enumerate((16, 16, 16, 24, 24)):
