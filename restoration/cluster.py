@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import os
 
-# Passed on to Ray workers so that they reach the same object store as the driver. On a real cluster, prefer
-# instance profiles or the nodes' own environment; these only fill in what the driver was given.
-_FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-)
+# Passed on to Ray workers so that they reach the same object store as the driver. Secrets (access keys, session
+# tokens) are never forwarded: Ray writes every runtime env into its logs. Workers get them from their own
+# environment: a local cluster's workers inherit the driver's, a real cluster's nodes have their own (or instance
+# profiles), and a submitted job's `--runtime-env-json` reaches every worker.
+_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 class ClusterError(ValueError):
@@ -33,10 +27,6 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     address = os.environ.get("RAY_ADDRESS") or None
     env_vars = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
-    if address is None:
-        # A local cluster's workers inherit this process's environment: forwarding would only copy the secrets
-        # into Ray's runtime-env logs.
-        env_vars = {}
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # Inside a submitted job the job's runtime_env already reaches every worker, and Ray refuses to merge a
         # second one into it.
