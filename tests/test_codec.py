@@ -396,7 +396,7 @@ def test_compress_level_is_honoured():
     [
         ({"pixels": np.zeros((4, 4, 2))}, r"shape \(4, 4, 2\)"),
         ({"pixels": np.zeros((0, 4))}, r"shape \(0, 4, 1\)"),
-        ({"pixels": np.zeros((4, 4), np.uint8)}, "dtype uint8"),
+        ({"pixels": np.zeros((4, 4), np.int64)}, "dtype int64"),
         ({"pixels": np.zeros((4, 4)), "alpha": np.zeros((4, 5), np.uint8)}, r"alpha is uint8 \(4, 5\)"),
         ({"pixels": np.zeros((4, 4)), "alpha": np.zeros((4, 4))}, "alpha is float64"),
         ({"pixels": np.zeros((4, 4)), "bit_depth": 10}, "bit_depth=10"),
@@ -574,3 +574,13 @@ def test_image_size_reads_the_header_only():
         with pytest.raises(DecodeError) as info:
             image_size(bad)
         assert info.value.reason == reason
+
+
+def test_encode_png_takes_quantised_uint8_samples_as_they_are():
+    rgb = _astronaut(24, 16).astype(np.float64) / 255.0
+    noisy = np.clip(rgb + np.random.default_rng(0).normal(0, 0.1, rgb.shape), 0, 1)
+    assert encode_png(to_uint(noisy, 8)) == encode_png(noisy)
+    gray = noisy[:, :, :1]
+    assert encode_png(to_uint(gray, 8)) == encode_png(gray)
+    with pytest.raises(ValueError, match="expected floats"):
+        encode_png(to_uint(gray, 16))  # 16-bit samples are not taken raw

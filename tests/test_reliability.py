@@ -44,7 +44,7 @@ from restoration.cli import main
 from restoration.models.dcgan import DCGAN, DCGANConfig
 from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.pipelines.restore import RestoreConfig, read_output, run_restore
-from restoration.pipelines.synthesize import GeneratorActor, SynthesizeConfig, run_synthesize
+from restoration.pipelines.synthesize import GeneratorActor, SynthesizeConfig, encode_images, run_synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -391,7 +391,7 @@ def test_generator_actor_killed_mid_run_exact_count_identical_images(s3, ray_clu
     generator = GeneratorActor(config, run_id="k", threads=1)
     expected = {}
     for start in range(0, n, 500):
-        rows = generator(pa.table({"index": pa.array(range(start, min(n, start + 500)), pa.int64())}))
+        rows = encode_images(generator(pa.table({"index": pa.array(range(start, min(n, start + 500)), pa.int64())})))
         expected.update(zip(rows.column("index").to_pylist(), rows.column("image").to_pylist(), strict=True))
     got = dict(zip(indices, table.column("image").to_pylist(), strict=True))
     assert got == expected

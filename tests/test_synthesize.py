@@ -158,3 +158,35 @@ def test_latent_depends_only_on_seed_and_index():
     assert not torch.equal(latent_for(3, 17, 8), latent_for(3, 18, 8))
     assert float(latent_for(3, 17, 64, truncation=0.5).abs().max()) <= 0.5
     np.testing.assert_allclose(torch.stack([latent_for(0, i, 4) for i in range(4000)]).std().item(), 1.0, atol=0.05)
+
+
+def test_actor_rows_are_raw_samples_and_encoding_gives_the_pngs_of_the_generator_output(gan_file):
+    """The actor only quantises; `encode_images` (a task of its own in the pipeline) makes the PNGs, byte for byte
+    the PNGs of the generator's float output, and keeps error rows' null images."""
+    import pyarrow as pa
+
+    from restoration import codec
+    from restoration.pipelines.synthesize import (
+        OUTPUT_SCHEMA,
+        PIXELS_SCHEMA,
+        GeneratorActor,
+        encode_images,
+        latent_for,
+    )
+
+    actor = GeneratorActor(SynthesizeConfig(model=gan_file, output="unused", count=5, seed=4), run_id="r", threads=1)
+    raw = actor(pa.table({"index": pa.array([0, 1, 2, 3, 4], pa.int64())}))
+    assert raw.schema == PIXELS_SCHEMA and raw.column("channels").to_pylist() == [1] * 5
+    rows = raw.to_pylist()
+    rows[2].update(pixels=None, width=None, height=None, channels=None, error="decode: broken")
+    encoded = encode_images(pa.Table.from_pylist(rows, schema=PIXELS_SCHEMA))
+    assert encoded.schema == OUTPUT_SCHEMA
+    assert encoded.column("index").to_pylist() == [0, 1, 2, 3, 4]
+    assert encoded.column("image")[2].as_py() is None and encoded.column("error")[2].as_py() == "decode: broken"
+
+    with torch.inference_mode():
+        z = torch.stack([latent_for(4, i, actor.loaded.config.latent_dim) for i in (0, 4)]).double()
+        floats = actor.module.generator(z).add(1).div(2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    for image, png in zip(floats, encoded.column("image").to_pylist()[::4], strict=True):
+        assert png == codec.encode_png(image)
+        assert np.array_equal(np.array(Image.open(io.BytesIO(png))), codec.to_uint(image, 8)[:, :, 0])

@@ -1,4 +1,4 @@
-"""The synthesis pipeline: items → generator actors (GAN / VAE) → PNG → Parquet under OUT/run_id=<id>/.
+"""The synthesis pipeline: items → generator actors (GAN / VAE) → PNG tasks → Parquet under OUT/run_id=<id>/.
 
     sample:       range(N) → z_i from a generator seeded by (seed, i) alone → G(z_i) or decode(z_i)
     interpolate:  pairs of input images → VAE encode (μ) → lerp/slerp at T alphas → decode
@@ -32,6 +32,7 @@ from PIL import Image
 from restoration import codec, degrade, storage
 from restoration.checkpoint import ModelFileError, load_named, model_label
 from restoration.pipelines.restore import (
+    DATA_TASK_CPUS,
     commit_staged,
     default_run_id,
     read_output,
@@ -56,6 +57,11 @@ OUTPUT_SCHEMA = pa.schema(
         ("run_id", pa.string()),
         ("error", pa.string()),
     ]
+)
+# What the generator actors emit: OUTPUT_SCHEMA with the image as raw uint8 samples (height, width, channels), which
+# `encode_images` turns into PNG in tasks of their own, so the actor's core does nothing but run the generator.
+PIXELS_SCHEMA = pa.schema(
+    [f for f in OUTPUT_SCHEMA if f.name != "image"] + [pa.field("pixels", pa.binary()), pa.field("channels", pa.int32())]
 )
 # What the actors receive: one row per output image (sample) or per input item (interpolate, reconstruct).
 ITEM_SCHEMA = pa.schema(
@@ -142,7 +148,7 @@ def slerp(a, b, alpha: float):
 
 
 class GeneratorActor:
-    """Holds one generator on its device; maps a batch of items to output rows (PNG-encoded)."""
+    """Holds one generator on its device; maps a batch of items to PIXELS_SCHEMA rows (quantised, not yet encoded)."""
 
     def __init__(self, config: SynthesizeConfig, run_id: str, threads: int | None = None) -> None:
         import torch
@@ -168,7 +174,7 @@ class GeneratorActor:
             else:
                 for item in items.to_pylist():
                     self._from_inputs(item, rows)
-        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=PIXELS_SCHEMA)
 
     # ------------------------------------------------------------------------------------------------ modes
     def _sample(self, indices: list[int], rows: list[dict]) -> None:
@@ -176,7 +182,7 @@ class GeneratorActor:
 
         latent_dim = self.loaded.config.latent_dim
         z = torch.stack([latent_for(self.config.seed, i, latent_dim, self.config.truncation) for i in indices])
-        images = self._decode(z)  # (B, C, S, S) in [0, 1]
+        images = self._quantise(self._decode(z))  # (B, S, S, C) uint8
         for i, image in zip(indices, images, strict=True):
             rows.append(self._row(i, image, source_keys=None, alpha=None))
 
@@ -193,12 +199,12 @@ class GeneratorActor:
             return
         mu, _ = self.module.encode(x.to(self.device, self.dtype))  # (k, D)
         if self.config.mode == "reconstruct":
-            rows.append(self._row(index, self._decode(mu)[0], source_keys=keys, alpha=None))
+            rows.append(self._row(index, self._quantise(self._decode(mu))[0], source_keys=keys, alpha=None))
             return
         alphas = np.linspace(0.0, 1.0, self.config.steps)
         mix = slerp if self.config.slerp else (lambda a, b, t: (1 - t) * a + t * b)
         z = torch.stack([mix(mu[0], mu[1], float(a)) for a in alphas])
-        for t, (alpha, image) in enumerate(zip(alphas, self._decode(z), strict=True)):
+        for t, (alpha, image) in enumerate(zip(alphas, self._quantise(self._decode(z)), strict=True)):
             rows.append(self._row(index + t, image, source_keys=keys, alpha=float(alpha)))
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -210,6 +216,11 @@ class GeneratorActor:
             if self.loaded.kind == "dcgan":
                 return self.module.generator(z).float().add(1).div(2).clamp(0, 1)
             return self.module.decode(z).float().clamp(0, 1)
+
+    @staticmethod
+    def _quantise(images) -> np.ndarray:
+        """(B, C, S, S) tensor in [0, 1] -> (B, S, S, C) uint8, the whole batch at once (`codec.to_uint`'s rounding)."""
+        return codec.to_uint(images.permute(0, 2, 3, 1).cpu().numpy(), 8)
 
     def _to_tensor(self, pixels: np.ndarray):
         """(H, W, C) float in [0, 1] -> (C, S, S) at the VAE's size and channels."""
@@ -225,7 +236,7 @@ class GeneratorActor:
         return x
 
     def _row(self, index: int, image, source_keys, alpha, error: str | None = None) -> dict:
-        """One output row; `image` is a (C, S, S) tensor in [0, 1], or None for an error row."""
+        """One PIXELS_SCHEMA row; `image` is an (S, S, C) uint8 array, or None for an error row."""
         row = {
             "key": f"{self.run_id}/{index:012d}",
             "index": index,
@@ -238,9 +249,25 @@ class GeneratorActor:
             "error": error,
         }
         if image is not None:
-            pixels = image.permute(1, 2, 0).cpu().numpy()  # (S, S, C)
-            row.update(image=codec.encode_png(pixels), width=pixels.shape[1], height=pixels.shape[0])
+            height, width, channels = image.shape
+            row.update(pixels=image.tobytes(), width=width, height=height, channels=channels)
         return row
+
+
+def encode_images(batch: pa.Table) -> pa.Table:
+    """PIXELS_SCHEMA rows -> OUTPUT_SCHEMA rows: the raw samples become PNG files (error rows keep a null image)."""
+    pngs = []
+    for pixels, height, width, channels in zip(
+        *(batch.column(name).to_pylist() for name in ("pixels", "height", "width", "channels")), strict=True
+    ):
+        if pixels is None:
+            pngs.append(None)
+            continue
+        samples = np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, channels)
+        pngs.append(codec.encode_png(samples))
+    columns = {name: batch.column(name) for name in OUTPUT_SCHEMA.names if name != "image"}
+    columns["image"] = pa.array(pngs, type=pa.binary())
+    return pa.table([columns[name] for name in OUTPUT_SCHEMA.names], schema=OUTPUT_SCHEMA)
 
 
 # ----------------------------------------------------------------------------------------------------------- runs
@@ -367,10 +394,18 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
             num_cpus=actor_cpus,
             num_gpus=1 if use_gpu else 0,
         )
+        # Encoding reserves less than an actor, so Ray Data keeps it out of the actor (it fuses operators only when
+        # their reservations match) and runs it next to the generator instead of between its batches.
+        ds = ds.map_batches(encode_images, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
         attempt_uri = storage.join(staging, uuid.uuid4().hex[:12])
         attempt_fs, attempt_path = storage.resolve(attempt_uri)
         try:
-            ds.write_parquet(attempt_path, filesystem=attempt_fs, min_rows_per_file=4096)
+            ds.write_parquet(
+                attempt_path,
+                filesystem=attempt_fs,
+                min_rows_per_file=4096,
+                ray_remote_args={"num_cpus": DATA_TASK_CPUS},  # fused with encoding: one task encodes and writes
+            )
         except Exception as e:  # a task failed for good: nothing of this attempt reaches the run folder
             raise run_failure("synthesis", run_id, e) from None
         commit_staged(attempt_uri, out_uri)
