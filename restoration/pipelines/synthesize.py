@@ -61,7 +61,8 @@ OUTPUT_SCHEMA = pa.schema(
 # What the generator actors emit: OUTPUT_SCHEMA with the image as raw uint8 samples (height, width, channels), which
 # `encode_images` turns into PNG in tasks of their own, so the actor's core does nothing but run the generator.
 PIXELS_SCHEMA = pa.schema(
-    [f for f in OUTPUT_SCHEMA if f.name != "image"] + [pa.field("pixels", pa.binary()), pa.field("channels", pa.int32())]
+    [f for f in OUTPUT_SCHEMA if f.name != "image"]
+    + [pa.field("pixels", pa.binary()), pa.field("channels", pa.int32())]
 )
 # What the actors receive: one row per output image (sample) or per input item (interpolate, reconstruct).
 ITEM_SCHEMA = pa.schema(
