@@ -81,7 +81,7 @@ class ThroughputConfig:
     min_model_seconds: float = 120.0
     shard_mb: float = 4.0
     synth_model: str = "dcgan-fmnist"
-    synth_count: int = 20_000
+    synth_count: int = 100_000  # about a minute of the raw generator on 2 cores, so start-up does not dominate
     synth_batch_size: int = 64  # SynthesizeConfig's default
     train_preset: str = "restorer-dncnn-cpu"
     train_epochs: int = 4
@@ -1278,7 +1278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shard-mb", type=float, default=d.shard_mb, help="input shard size (default 4 MiB)")
     parser.add_argument("--synth-model", default=d.synth_model, help=f"generator (default {d.synth_model})")
-    parser.add_argument("--synth-count", type=int, default=d.synth_count, help="images to synthesize (default 20000)")
+    parser.add_argument("--synth-count", type=int, default=d.synth_count, help="images to synthesize (default 100000)")
     parser.add_argument("--train-preset", default=d.train_preset, help=f"restorer preset (default {d.train_preset})")
     parser.add_argument("--train-epochs", type=int, default=d.train_epochs, help="epochs (default 4)")
     parser.add_argument("--train-steps-per-epoch", type=int, default=d.train_steps_per_epoch, help="(default 50)")
