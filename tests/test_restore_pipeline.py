@@ -141,6 +141,11 @@ def test_set12_noise25_restored_by_a_model_trained_in_the_test(s3, ray_cluster, 
     assert manifest["rows_in"] == len(files) and manifest["errors"] == 0
     assert manifest["mean_psnr"] == pytest.approx(restored, abs=1e-6)
     assert manifest["model_sha256"] == load_restorer(trained_model).sha256
+    # The run's seconds are accounted for by its phases, the streaming write taking the lion's share.
+    phases = manifest["phase_seconds"]
+    assert list(phases) == ["setup", "write", "commit", "summary"] and min(phases.values()) >= 0
+    assert sum(phases.values()) == pytest.approx(manifest["seconds"], abs=1e-6)
+    assert phases["write"] == max(phases.values())
 
 
 def _bomb_png() -> bytes:

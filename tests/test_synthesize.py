@@ -70,6 +70,7 @@ def test_counts_keys_resume_and_preview(s3, ray_cluster, gan_file):
         run_synthesize(SynthesizeConfig(model=gan_file, output=out, count=100, run_id="r"))
     report = run_synthesize(SynthesizeConfig(model=gan_file, output=out, count=100, run_id="r", resume=True))
     assert report.skipped_resumed == 30 and report.rows_out == 100 and report.duplicates == 0 and report.complete
+    assert sum(report.phase_seconds.values()) == pytest.approx(report.seconds, abs=1e-6)
     table = read_output(storage.join(out, "run_id=r"), ["key", "index", "seed", "width", "height", "error"])
     keys = table.column("key").to_pylist()
     assert len(set(keys)) == 100 and sorted(table.column("index").to_pylist()) == list(range(100))

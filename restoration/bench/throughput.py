@@ -610,6 +610,7 @@ def run_ours(
         "steady_valid": files >= MIN_WRITE_TASKS and span > 0,
         "workers": report.config.get("workers"),
         "gpu": report.config.get("gpu"),
+        "phase_seconds": report.phase_seconds,
         "resources": sampler.result,
     }
 
@@ -814,6 +815,7 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
         "seconds": report.seconds,
         "images_per_s": (report.rows_out - report.errors) / report.seconds,
         "cpu_s": _pipeline_cpu(sampler.result),
+        "phase_seconds": report.phase_seconds,
         "output": report.output,
         "resources": sampler.result,
     }
@@ -1100,6 +1102,11 @@ def _row(label: str, rate, seconds, cpu_s, work, ratio: str = "") -> str:
     return f"  {label:<46} {_num(rate):>9} {seconds:>8.1f} {cpu_text:>8} {_num(per_cpu):>12}  {ratio}".rstrip()
 
 
+def _phases(phases: dict) -> str:
+    """`{"setup": 2.1, "write": 120.4, ...}` -> "setup 2.1 s, write 120.4 s, ..." (what the report's seconds hold)."""
+    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()) or "not reported"
+
+
 def format_table(result: dict) -> str:
     """The human-readable summary: one line per measurement, ratios, memory."""
     lines = []
@@ -1150,6 +1157,7 @@ def format_table(result: dict) -> str:
                 f"{naive['threads']} torch threads, fp32",
             ),
         ]
+        lines.append(f"  run_restore phases: {_phases(ours['phase_seconds'])}")
         res = ours["resources"]
         lines.append(
             f"  memory (ours): driver peak {res['driver_peak_mb']:.0f} MB; {res['workers']} Ray workers, "
@@ -1185,6 +1193,7 @@ def format_table(result: dict) -> str:
                 pipe["images"],
                 f"{_num(synthesis['ratio_pipeline_over_raw'])} x raw",
             ),
+            f"  run_synthesize phases: {_phases(pipe['phase_seconds'])}",
         ]
     training = result.get("training")
     if training:

@@ -408,6 +408,10 @@ class RestoreReport:
     models: dict = field(default_factory=dict)  # model label -> {"sha256", "rows"} over the restored rows
     model_applied: dict = field(default_factory=dict)  # "native" / "per-channel" / "replicated" -> rows
     duplicates: int = 0  # output rows whose key another output row already has (0 unless something is wrong)
+    # Where `seconds` went: "setup" (models, Ray, input listing), "write" (the streaming pipeline, from the first
+    # read to the last Parquet file), "commit" (staging -> run folder), "summary" (reading the output back for this
+    # report). `seconds` is their sum; the manifest is written after it.
+    phase_seconds: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -539,14 +543,16 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     )
     attempt_uri = storage.join(staging, uuid.uuid4().hex[:12])
     attempt_fs, attempt_path = storage.resolve(attempt_uri)
+    t_write = time.perf_counter()
     try:
         ds.write_parquet(
             attempt_path, filesystem=attempt_fs, min_rows_per_file=256, ray_remote_args={"num_cpus": DATA_TASK_CPUS}
         )  # same reservation as encode: the two fuse into one task
     except Exception as e:  # a task failed for good: nothing of this attempt reaches the run folder
         raise run_failure("restore", run_id, e) from None
+    t_commit = time.perf_counter()
     commit_staged(attempt_uri, out_uri)
-    seconds = time.perf_counter() - t_start
+    t_summary = time.perf_counter()
 
     # The manifest counts what is really in the output (earlier attempts of a resumed run included).
     written = read_output(
@@ -566,6 +572,13 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         or 0
     )
     processed = rows_in - len(done)
+    seconds = time.perf_counter() - t_start
+    phases = {
+        "setup": t_write - t_start,
+        "write": t_commit - t_write,
+        "commit": t_summary - t_commit,
+        "summary": t_start + seconds - t_summary,
+    }
 
     def mean(column: str) -> float | None:
         values = [v for v in written.column(column).to_pylist() if v is not None and math.isfinite(v)]
@@ -591,6 +604,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         models=_models_used(written),
         model_applied=dict(Counter(v for v in written.column("model_applied").to_pylist() if v is not None)),
         duplicates=written.num_rows - len(set(written.column("key").to_pylist())),
+        phase_seconds=phases,
         config=asdict(config) | {"run_id": run_id, "workers": workers, "gpu": use_gpu},
     )
     storage.write_bytes(storage.join(out_uri, "_manifest.json"), json.dumps(asdict(report), indent=2).encode())

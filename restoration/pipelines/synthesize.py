@@ -288,6 +288,7 @@ class SynthesizeReport:
     model: str = ""
     model_sha256: str = ""
     complete: bool = False
+    phase_seconds: dict = field(default_factory=dict)  # setup / write / commit / summary, as in RestoreReport
     config: dict = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -400,6 +401,7 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
         ds = ds.map_batches(encode_images, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
         attempt_uri = storage.join(staging, uuid.uuid4().hex[:12])
         attempt_fs, attempt_path = storage.resolve(attempt_uri)
+        t_write = time.perf_counter()
         try:
             ds.write_parquet(
                 attempt_path,
@@ -409,13 +411,23 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
             )
         except Exception as e:  # a task failed for good: nothing of this attempt reaches the run folder
             raise run_failure("synthesis", run_id, e) from None
+        t_commit = time.perf_counter()
         commit_staged(attempt_uri, out_uri)
-    seconds = time.perf_counter() - t0
+    t_summary = time.perf_counter()
+    if ds is None:
+        t_write = t_commit = t_summary
 
     written = read_output(out_uri, ["index", "error"], OUTPUT_SCHEMA)
     indices = written.column("index").to_numpy()
     errors = [e for e in written.column("error").to_pylist() if e is not None]
     _write_preview(out_uri)
+    seconds = time.perf_counter() - t0
+    phases = {
+        "setup": t_write - t0,
+        "write": t_commit - t_write,
+        "commit": t_summary - t_commit,
+        "summary": t0 + seconds - t_summary,
+    }
     report = SynthesizeReport(
         run_id=run_id,
         output=out_uri,
@@ -431,6 +443,7 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
         model=model_label(config.model),
         model_sha256=loaded.sha256,
         complete=written.num_rows == requested,
+        phase_seconds=phases,
         config=asdict(config) | {"run_id": run_id, "workers": workers, "gpu": use_gpu},
     )
     manifest = asdict(report) | {"written_at": datetime.now(timezone.utc).isoformat()}
