@@ -129,3 +129,16 @@ def test_bf16_mixed_degradations_fine_tune_from_a_model_file(s3, ray_cluster, tr
     tuned_state = load_model(storage.read_bytes(tuned.model_path)).module.state_dict()
     base_state = load_model(start).module.state_dict()
     assert max((tuned_state[k] - v).abs().max().item() for k, v in base_state.items()) < 1e-6
+
+
+def test_workers_that_leave_no_cpu_for_the_parquet_listing_are_refused(s3, ray_cluster, fmnist_shards):
+    """Reading Parquet begins with Ray Data's file listing, a task that takes a whole CPU: 1.5 of the test cluster's
+    2 CPUs for the worker would leave it waiting forever, so the launch refuses before anything runs."""
+    runs = s3.uri("train", "refused-runs")
+    config = resolve_config("dcgan", None, {"g_width": 8, "d_width": 8, "epochs": 1, "steps_per_epoch": 1})
+    launch = LaunchConfig(storage=runs, name="too-wide", cpus_per_worker=1.5)
+    with pytest.raises(
+        ValueError, match=r"--cpus-per-worker 1.5 .* \(1 needed, the cluster has 2\); expected at most 1"
+    ):
+        run_training("dcgan", fmnist_shards, launch, config)
+    assert not storage.exists(storage.join(runs, "too-wide", "config.json"))  # refused before the run was set up

@@ -195,6 +195,7 @@ def launch(
     launch_config: LaunchConfig,
     datasets: dict,
     split: list[str],
+    free_cpus: float = 0.5,
 ) -> TrainReport:
     """Run `loop` under a TorchTrainer and export the best checkpoint's model file.
 
@@ -205,6 +206,7 @@ def launch(
         launch_config: placement and storage.
         datasets: Ray Datasets by name; those in `split` are sharded across workers, the others seen whole.
         split: names of the datasets to shard.
+        free_cpus: CPUs the datasets' reads need beside the workers (on CPU-only runs the workers may take the rest).
 
     Returns:
         A TrainReport; the model file is at STORAGE/NAME/model.pt.
@@ -224,11 +226,12 @@ def launch(
     if cpus_per_worker is None:
         # Leave one core to Ray Data's read tasks so the workers' data never starves (2 workers on 2 cores: 0.5 each).
         cpus_per_worker = max(0.5, min(4.0, (cpus - 1) / launch_config.workers)) if not use_gpu else 2.0
-    if not use_gpu and cpus_per_worker * launch_config.workers > cpus - 0.5:
-        # Ray Data's read tasks (half a CPU each, see run.READ_CPUS) need a slot too; without one the run waits forever.
+    if not use_gpu and cpus_per_worker * launch_config.workers > cpus - free_cpus:
+        # Ray Data's read tasks need their slots too; without them the run waits forever.
         raise ValueError(
-            f"--cpus-per-worker {cpus_per_worker:g} x {launch_config.workers} worker(s) leaves no CPU for reading the"
-            f" data (the cluster has {cpus:g}); expected at most {(cpus - 0.5) / launch_config.workers:g}"
+            f"--cpus-per-worker {cpus_per_worker:g} x {launch_config.workers} worker(s) leaves too little CPU for"
+            f" reading the data ({free_cpus:g} needed, the cluster has {cpus:g});"
+            f" expected at most {(cpus - free_cpus) / launch_config.workers:g}"
         )
     run_uri = storage.join(launch_config.storage, launch_config.name)
     storage.ensure_bucket(launch_config.storage)

@@ -89,8 +89,11 @@ def run_training(
     from restoration.cluster import init_ray
     from restoration.data import input_files
 
-    input_files(data)  # fail fast on a missing input, before Ray starts
+    kinds = {input_files(uri)[0] for uri in (data, val) if uri is not None}  # fails fast on a missing input
     init_ray()
     datasets, split = build_datasets(kind, data, val)
     _, _, loop = TRAINERS[kind]
-    return launch(kind, loop, train_config, launch_config, datasets, split)
+    # Reading Parquet starts with Ray Data's file-listing task, which takes a whole CPU (it takes no num_cpus); with
+    # less than that left beside the workers the run waits forever. Folders of image files need only a read slot.
+    free_cpus = 1.0 if "parquet" in kinds else READ_CPUS
+    return launch(kind, loop, train_config, launch_config, datasets, split, free_cpus=free_cpus)
