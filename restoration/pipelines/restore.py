@@ -573,12 +573,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     )
     processed = rows_in - len(done)
     seconds = time.perf_counter() - t_start
-    phases = {
-        "setup": t_write - t_start,
-        "write": t_commit - t_write,
-        "commit": t_summary - t_commit,
-        "summary": t_start + seconds - t_summary,
-    }
+    phases = phase_seconds(t_start, t_write, t_commit, t_summary, t_start + seconds)
 
     def mean(column: str) -> float | None:
         values = [v for v in written.column(column).to_pylist() if v is not None and math.isfinite(v)]
@@ -609,6 +604,11 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     )
     storage.write_bytes(storage.join(out_uri, "_manifest.json"), json.dumps(asdict(report), indent=2).encode())
     return report
+
+
+def phase_seconds(start: float, write: float, commit: float, summary: float, end: float) -> dict[str, float]:
+    """A run's `phase_seconds` from the `time.perf_counter()` readings at which each phase began, and the end."""
+    return {"setup": write - start, "write": commit - write, "commit": summary - commit, "summary": end - summary}
 
 
 def commit_staged(attempt_uri: str, out_uri: str) -> None:

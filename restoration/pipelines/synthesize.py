@@ -35,6 +35,7 @@ from restoration.pipelines.restore import (
     DATA_TASK_CPUS,
     commit_staged,
     default_run_id,
+    phase_seconds,
     read_output,
     remove_tree,
     run_dir,
@@ -422,12 +423,7 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
     errors = [e for e in written.column("error").to_pylist() if e is not None]
     _write_preview(out_uri)
     seconds = time.perf_counter() - t0
-    phases = {
-        "setup": t_write - t0,
-        "write": t_commit - t_write,
-        "commit": t_summary - t_commit,
-        "summary": t0 + seconds - t_summary,
-    }
+    phases = phase_seconds(t0, t_write, t_commit, t_summary, t0 + seconds)
     report = SynthesizeReport(
         run_id=run_id,
         output=out_uri,
