@@ -1,0 +1,90 @@
+"""Bundle a trained generator: copy a DCGAN or VAE run's model file into restoration/weights/ with its JSON record.
+
+    python scripts/bundle_generator.py RUN_FOLDER NAME --command "restoration train ..." [--model-file FILE] \
+        [--wall-seconds S] [--fid N]
+
+RUN_FOLDER is the run's storage folder (local), holding `config.json`, `checkpoint_manager_snapshot.json` and the
+exported `model.pt`; `--model-file` bundles another file of the run instead (a checkpoint's `model.pt`). The record
+holds what made the model (preset config, command, wall time, the checkpoint's epoch and metrics) and, with --fid,
+the FID measured by `restoration bench fid` on N samples (features of the bundled Fashion-MNIST classifier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from restoration.checkpoint import WEIGHTS_DIR, load_model
+
+TASKS = {
+    "dcgan": "DCGAN on Fashion-MNIST 28x28; the generator in the file is the EMA generator",
+    "vae": "convolutional VAE (Bernoulli likelihood) on Fashion-MNIST 28x28: sampling, reconstruction, interpolation",
+}
+
+
+def checkpoint_metrics(run: Path, model_file: Path) -> dict:
+    """The metrics Ray Train recorded for the checkpoint `model_file` belongs to (the best one for the run's export)."""
+    snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    results = snapshot["checkpoint_results"]
+    if model_file.parent != run:  # a checkpoint folder's model.pt
+        results = [r for r in results if r["checkpoint_dir_name"] == model_file.parent.name]
+        if not results:
+            raise SystemExit(f"{model_file.parent.name} is not among the run's recorded checkpoints")
+        return results[0]["metrics"]
+    config = json.loads((run / "config.json").read_text())
+    pick = min if config.get("score_order", "min") == "min" else max
+    return pick(results, key=lambda r: r["metrics"][config["score"]])["metrics"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="the run's local storage folder")
+    parser.add_argument("name", help="bundled name, e.g. dcgan-fmnist")
+    parser.add_argument("--command", required=True, help="the training command that made it")
+    parser.add_argument("--model-file", type=Path, default=None, help="default: RUN/model.pt (the run's export)")
+    parser.add_argument("--wall-seconds", type=float, default=None, help="training wall time")
+    parser.add_argument("--fid", type=int, default=0, help="also measure FID on this many samples")
+    args = parser.parse_args(argv)
+
+    model_file = args.model_file or args.run / "model.pt"
+    loaded = load_model(model_file)
+    if loaded.kind not in TASKS:
+        raise SystemExit(f"{model_file} holds a {loaded.kind} model, expected dcgan or vae")
+    metrics = checkpoint_metrics(args.run, model_file)
+    target = WEIGHTS_DIR / f"{args.name}.pt"
+    shutil.copyfile(model_file, target)
+    record = {
+        "name": args.name,
+        "file": target.name,
+        "sha256": loaded.sha256,
+        "task": TASKS[loaded.kind],
+        "model": {"kind": loaded.kind, **vars(loaded.config)},
+        "trained_on": "Fashion-MNIST train split (60,000 images), 1 in 20 held out for the score",
+        "training": {
+            "command": args.command,
+            "hardware": "2 CPU cores, 1 Ray Train worker, no GPU",
+            "wall_seconds": args.wall_seconds,
+            "epoch": metrics.get("epoch"),
+            "config": json.loads((args.run / "config.json").read_text()),
+        },
+        "metrics": {k: v for k, v in metrics.items() if k not in ("epoch", "started_from_epoch")},
+    }
+    if args.fid:
+        import tempfile
+
+        from restoration.fid import run_fid_bench
+
+        with tempfile.TemporaryDirectory() as out_dir:
+            result = run_fid_bench([str(target)], n=args.fid, seed=0, out_dir=Path(out_dir))
+        row = next(r for r in result["rows"] if r["name"] == args.name)
+        record["metrics"][f"fid_classifier_{args.fid}"] = round(row["fid"], 2)
+    (WEIGHTS_DIR / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"bundled {target} ({target.stat().st_size / 1e6:.1f} MB), sha256 {loaded.sha256[:12]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
