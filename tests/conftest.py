@@ -84,3 +84,18 @@ def set12(tmp_path_factory) -> Path:
     if path.is_dir():
         return path
     return _fallback_gray(tmp_path_factory.mktemp("set12"), 256, 12, ("coins", "moon", "brick", "grass", "gravel"))
+
+
+@pytest.fixture(scope="module")
+def gan_file(tmp_path_factory) -> str:
+    """An untrained but real DCGAN model file (the synthesis plumbing is under test, not the images' quality)."""
+    import torch
+
+    from restoration.checkpoint import save_model
+    from restoration.models.dcgan import DCGAN, DCGANConfig
+
+    torch.manual_seed(0)
+    model = DCGAN(DCGANConfig(g_width=16, d_width=16, latent_dim=32))
+    path = tmp_path_factory.mktemp("models") / "gan.pt"
+    save_model(path, "dcgan", model.config, model)
+    return str(path)

@@ -41,7 +41,6 @@ from PIL import Image
 from restoration import data, storage
 from restoration.checkpoint import save_model
 from restoration.cli import main
-from restoration.models.dcgan import DCGAN, DCGANConfig
 from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.pipelines.restore import RestoreConfig, read_output, run_restore
 from restoration.pipelines.synthesize import GeneratorActor, SynthesizeConfig, encode_images, run_synthesize
@@ -57,15 +56,6 @@ def restorer_file(tmp_path_factory) -> str:
     model = Restorer(RestorerConfig(depth=6, width=16))
     path = tmp_path_factory.mktemp("models") / "restorer.pt"
     save_model(path, "restorer", model.config, model)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def gan_file(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    model = DCGAN(DCGANConfig(g_width=16, d_width=16, latent_dim=32))
-    path = tmp_path_factory.mktemp("models") / "gan.pt"
-    save_model(path, "dcgan", model.config, model)
     return str(path)
 
 

@@ -16,21 +16,11 @@ from PIL import Image
 
 from restoration import storage
 from restoration.checkpoint import save_model
-from restoration.models.dcgan import DCGAN, DCGANConfig
 from restoration.models.vae import VAE, VAEConfig
 from restoration.pipelines.restore import read_output
 from restoration.pipelines.synthesize import SynthesizeConfig, run_synthesize, scheduled_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def gan_file(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    model = DCGAN(DCGANConfig(g_width=16, d_width=16, latent_dim=32))
-    path = tmp_path_factory.mktemp("models") / "gan.pt"
-    save_model(path, "dcgan", model.config, model)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

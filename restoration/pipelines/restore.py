@@ -500,7 +500,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
 
     # Resume: keys already written by earlier attempts of this run are skipped; what failed attempts left in staging
     # never reached the run folder and is discarded (its keys are restored again).
-    staging = storage.join(config.output, "_staging", f"run_id={run_id}")
+    staging = staging_dir(config.output, run_id)
     done = set()
     if config.resume:
         done = set(read_output(out_uri, ["key"]).column("key").to_pylist())
@@ -541,17 +541,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         batch_size=config.batch_size,
         num_cpus=DATA_TASK_CPUS,
     )
-    attempt_uri = storage.join(staging, uuid.uuid4().hex[:12])
-    attempt_fs, attempt_path = storage.resolve(attempt_uri)
-    t_write = time.perf_counter()
-    try:
-        ds.write_parquet(
-            attempt_path, filesystem=attempt_fs, min_rows_per_file=256, ray_remote_args={"num_cpus": DATA_TASK_CPUS}
-        )  # same reservation as encode: the two fuse into one task
-    except Exception as e:  # a task failed for good: nothing of this attempt reaches the run folder
-        raise run_failure("restore", run_id, e) from None
-    t_commit = time.perf_counter()
-    commit_staged(attempt_uri, out_uri)
+    t_write, t_commit = write_attempt(ds, staging, out_uri, "restore", run_id, min_rows_per_file=256)
     t_summary = time.perf_counter()
 
     # The manifest counts what is really in the output (earlier attempts of a resumed run included).
@@ -609,6 +599,40 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
 def phase_seconds(start: float, write: float, commit: float, summary: float, end: float) -> dict[str, float]:
     """A run's `phase_seconds` from the `time.perf_counter()` readings at which each phase began, and the end."""
     return {"setup": write - start, "write": commit - write, "commit": summary - commit, "summary": end - summary}
+
+
+def staging_dir(output: str, run_id: str) -> str:
+    """Where the attempts of run `run_id` write before they commit: OUT/_staging/run_id=<id>/ (see `run_restore`)."""
+    return storage.join(output, "_staging", f"run_id={run_id}")
+
+
+def write_attempt(
+    ds, staging: str, out_uri: str, kind: str, run_id: str, min_rows_per_file: int
+) -> tuple[float, float]:
+    """Write `ds` as one attempt under `staging`, then commit its files into the run folder `out_uri`.
+
+    The write reserves DATA_TASK_CPUS like the encoding operator before it, so the two fuse into one task.
+
+    Returns:
+        The `time.perf_counter()` readings at which the write and the commit began.
+    Raises:
+        storage.StorageError, ClusterError: the write failed for good (`run_failure`); nothing was committed.
+    """
+    attempt_uri = storage.join(staging, uuid.uuid4().hex[:12])
+    attempt_fs, attempt_path = storage.resolve(attempt_uri)
+    t_write = time.perf_counter()
+    try:
+        ds.write_parquet(
+            attempt_path,
+            filesystem=attempt_fs,
+            min_rows_per_file=min_rows_per_file,
+            ray_remote_args={"num_cpus": DATA_TASK_CPUS},
+        )
+    except Exception as e:  # a task failed for good: nothing of this attempt reaches the run folder
+        raise run_failure(kind, run_id, e) from None
+    t_commit = time.perf_counter()
+    commit_staged(attempt_uri, out_uri)
+    return t_write, t_commit
 
 
 def commit_staged(attempt_uri: str, out_uri: str) -> None:

@@ -18,7 +18,6 @@ import io
 import json
 import math
 import time
-import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -33,13 +32,13 @@ from restoration import codec, degrade, storage
 from restoration.checkpoint import ModelFileError, load_named, model_label
 from restoration.pipelines.restore import (
     DATA_TASK_CPUS,
-    commit_staged,
     default_run_id,
     phase_seconds,
     read_output,
     remove_tree,
     run_dir,
-    run_failure,
+    staging_dir,
+    write_attempt,
 )
 
 MODES = ("sample", "interpolate", "reconstruct")
@@ -184,7 +183,7 @@ class GeneratorActor:
 
         latent_dim = self.loaded.config.latent_dim
         z = torch.stack([latent_for(self.config.seed, i, latent_dim, self.config.truncation) for i in indices])
-        images = self._quantise(self._decode(z))  # (B, S, S, C) uint8
+        images = self._decode(z)  # (B, S, S, C) uint8
         for i, image in zip(indices, images, strict=True):
             rows.append(self._row(i, image, source_keys=None, alpha=None))
 
@@ -201,27 +200,25 @@ class GeneratorActor:
             return
         mu, _ = self.module.encode(x.to(self.device, self.dtype))  # (k, D)
         if self.config.mode == "reconstruct":
-            rows.append(self._row(index, self._quantise(self._decode(mu))[0], source_keys=keys, alpha=None))
+            rows.append(self._row(index, self._decode(mu)[0], source_keys=keys, alpha=None))
             return
         alphas = np.linspace(0.0, 1.0, self.config.steps)
         mix = slerp if self.config.slerp else (lambda a, b, t: (1 - t) * a + t * b)
         z = torch.stack([mix(mu[0], mu[1], float(a)) for a in alphas])
-        for t, (alpha, image) in enumerate(zip(alphas, self._quantise(self._decode(z)), strict=True)):
+        for t, (alpha, image) in enumerate(zip(alphas, self._decode(z), strict=True)):
             rows.append(self._row(index + t, image, source_keys=keys, alpha=float(alpha)))
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _decode(self, z):
+    def _decode(self, z) -> np.ndarray:
+        """Latents (B, D) -> images (B, S, S, C) uint8, quantised as a whole batch (`codec.to_uint`'s rounding)."""
         import torch
 
         z = z.to(self.device, self.dtype)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
             if self.loaded.kind == "dcgan":
-                return self.module.generator(z).float().add(1).div(2).clamp(0, 1)
-            return self.module.decode(z).float().clamp(0, 1)
-
-    @staticmethod
-    def _quantise(images) -> np.ndarray:
-        """(B, C, S, S) tensor in [0, 1] -> (B, S, S, C) uint8, the whole batch at once (`codec.to_uint`'s rounding)."""
+                images = self.module.generator(z).float().add(1).div(2).clamp(0, 1)
+            else:
+                images = self.module.decode(z).float().clamp(0, 1)
         return codec.to_uint(images.permute(0, 2, 3, 1).cpu().numpy(), 8)
 
     def _to_tensor(self, pixels: np.ndarray):
@@ -366,7 +363,7 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
             return SynthesizeReport(**{k: v for k, v in manifest.items() if k in SynthesizeReport.__dataclass_fields__})
     # As in restore (see run_restore): an attempt writes under OUT/_staging/run_id=<id>/<attempt>/ and its files move
     # into the run folder only once all of them are written; what failed attempts left in staging is discarded.
-    staging = storage.join(config.output, "_staging", f"run_id={run_id}")
+    staging = staging_dir(config.output, run_id)
     done: set[int] = set()
     if config.resume:
         done = set(read_output(out_uri, ["index"], OUTPUT_SCHEMA).column("index").to_pylist())
@@ -387,6 +384,7 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
         items, requested = _items(config)
         items = [it for it in items if it["index"] not in done]
         ds = ray.data.from_arrow(pa.Table.from_pylist(items, schema=ITEM_SCHEMA)) if items else None
+    t_write = t_commit = time.perf_counter()  # stay so when a resumed run has nothing left to write
     if ds is not None:
         ds = ds.map_batches(
             GeneratorActor,
@@ -400,23 +398,8 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
         # Encoding reserves less than an actor, so Ray Data keeps it out of the actor (it fuses operators only when
         # their reservations match) and runs it next to the generator instead of between its batches.
         ds = ds.map_batches(encode_images, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
-        attempt_uri = storage.join(staging, uuid.uuid4().hex[:12])
-        attempt_fs, attempt_path = storage.resolve(attempt_uri)
-        t_write = time.perf_counter()
-        try:
-            ds.write_parquet(
-                attempt_path,
-                filesystem=attempt_fs,
-                min_rows_per_file=4096,
-                ray_remote_args={"num_cpus": DATA_TASK_CPUS},  # fused with encoding: one task encodes and writes
-            )
-        except Exception as e:  # a task failed for good: nothing of this attempt reaches the run folder
-            raise run_failure("synthesis", run_id, e) from None
-        t_commit = time.perf_counter()
-        commit_staged(attempt_uri, out_uri)
+        t_write, t_commit = write_attempt(ds, staging, out_uri, "synthesis", run_id, min_rows_per_file=4096)
     t_summary = time.perf_counter()
-    if ds is None:
-        t_write = t_commit = t_summary
 
     written = read_output(out_uri, ["index", "error"], OUTPUT_SCHEMA)
     indices = written.column("index").to_numpy()
