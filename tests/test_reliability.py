@@ -113,45 +113,65 @@ def state_address() -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def live_actor(match: str):
-    """The first live actor of this session's cluster whose class name contains `match`, or None."""
+def alive_actor_ids() -> set[str]:
+    """IDs of the actors alive now: taken before a run starts, so that actors of earlier runs on this session's
+    cluster (whose ends the state API reports a little late) are never mistaken for the run's own."""
+    from ray.util.state import list_actors
+
+    return {
+        a.actor_id
+        for a in list_actors(address=state_address(), filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    }
+
+
+def live_actor(match: str, ignore: set[str] = frozenset()):
+    """The first live actor of this session's cluster whose class name contains `match` and whose ID is not in
+    `ignore`, or None."""
     from ray.util.state import list_actors
 
     for actor in list_actors(address=state_address(), filters=[("state", "=", "ALIVE")], raise_on_missing_output=False):
-        if match in actor.class_name and actor.pid:
+        if match in actor.class_name and actor.pid and actor.actor_id not in ignore:
             return actor
     return None
 
 
-def wait_until_busy(match: str, running: threading.Thread, timeout: float = 600.0):
-    """Wait until an actor matching `match` has started working (a task of it running or done, per the state API,
-    which reports task events about once a second) while `running` is still in flight; returns the actor."""
+def _not_seen(match: str, running: Background) -> AssertionError:
+    ended = "the run ended first" + (f" with {running.error!r}" if running.error is not None else "")
+    return AssertionError(f"no {match} actor of this run seen at work while the run was in flight ({ended})")
+
+
+def wait_until_busy(match: str, running: Background, ignore: set[str], timeout: float = 600.0):
+    """Wait until a new actor matching `match` (not in `ignore`) is inside a data batch (a `submit` task of it running
+    or done, per the state API, which reports task events about once a second) while `running` is still in flight;
+    returns the actor."""
     from ray.util.state import list_tasks
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and running.is_alive():
-        actor = live_actor(match)
+        actor = live_actor(match, ignore)
         if actor is not None:
             tasks = list_tasks(
                 address=state_address(),
                 filters=[("actor_id", "=", actor.actor_id), ("type", "=", "ACTOR_TASK")],
                 raise_on_missing_output=False,
             )
-            if any(t.state in ("RUNNING", "FINISHED") for t in tasks) and running.is_alive():
+            working = any(t.name.endswith("submit") and t.state in ("RUNNING", "FINISHED") for t in tasks)
+            if working and running.is_alive():
                 return actor
         time.sleep(0.1)
-    raise AssertionError(f"no working {match} actor seen while the run was in flight")
+    raise _not_seen(match, running)
 
 
-def wait_until_alive(match: str, running: threading.Thread, timeout: float = 600.0):
-    """Wait until an actor matching `match` is up (model loaded) while `running` is in flight; returns it."""
+def wait_until_alive(match: str, running: Background, ignore: set[str], timeout: float = 600.0):
+    """Wait until a new actor matching `match` (not in `ignore`) is up (model loaded) while `running` is in flight;
+    returns it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and running.is_alive():
-        actor = live_actor(match)
+        actor = live_actor(match, ignore)
         if actor is not None:
             return actor
         time.sleep(0.1)
-    raise AssertionError(f"no live {match} actor seen while the run was in flight")
+    raise _not_seen(match, running)
 
 
 def kill9(pid: int) -> None:
@@ -195,13 +215,15 @@ def cli(args: list[str]) -> int:
 @pytest.mark.slow
 def test_restore_actor_killed_mid_run_every_key_exactly_once(s3, ray_cluster, restorer_file):
     keys = [f"photos/{i:04d}.png" for i in range(400)]
-    images = noise_images(398, 48) + [b"", b"<html>not an image</html>"]  # two error rows ride along
+    # 128x128: the actor's one data batch lasts seconds, long enough to be seen running and killed inside it.
+    images = noise_images(398, 128) + [b"", b"<html>not an image</html>"]  # two error rows ride along
     shards = s3.uri("rel", "kill", "in")
     write_shards(shards, keys, images, shards=4)
     out = s3.uri("rel", "kill", "out")
 
+    before = alive_actor_ids()
     run = Background(lambda: run_restore(RestoreConfig(shards, out, model=restorer_file, run_id="k", batch_size=8)))
-    actor = wait_until_busy("RestoreActor", run)
+    actor = wait_until_busy("RestoreActor", run, ignore=before)
     kill9(actor.pid)
     print(f"killed restore actor pid {actor.pid} mid-run")
     report = run.finish()
@@ -226,10 +248,10 @@ def test_store_outage_mid_run_completes_or_resumes_without_loss(s3, ray_cluster,
     shipped = pickle.loads(pickle.dumps(storage.s3_filesystem()))
     assert shipped._kwargs["retry_strategy"].max_attempts == storage.S3_RETRY_ATTEMPTS > 3
 
-    def outage_while(run: threading.Thread, down_s: float | None) -> float:
+    def outage_while(run: Background, before: set[str], down_s: float | None) -> float:
         """Stop the store once the restore actor is up (mid-run: nothing committed yet); start it again after
         `down_s` seconds (None: once the run has ended)."""
-        wait_until_alive("RestoreActor", run)
+        wait_until_alive("RestoreActor", run, ignore=before)
         t0 = time.monotonic()
         s3.pause()  # SIGTERM, keeps port and data folder
         try:
@@ -242,8 +264,9 @@ def test_store_outage_mid_run_completes_or_resumes_without_loss(s3, ray_cluster,
         return time.monotonic() - t0
 
     # With the product's retries (pickled into every Ray task with the filesystem), a restart is ridden out.
+    before = alive_actor_ids()
     run = Background(lambda: run_restore(RestoreConfig(shards, out, model=restorer_file, run_id="a", batch_size=8)))
-    down = outage_while(run, down_s=3.0)
+    down = outage_while(run, before, down_s=3.0)
     run.join(timeout=900)
     assert not run.is_alive(), "the run did not finish within 900 s"
     with capsys.disabled():
@@ -268,10 +291,11 @@ def test_store_outage_mid_run_completes_or_resumes_without_loss(s3, ray_cluster,
     )
     args = ["restore", shards, out, "--model", restorer_file, "--run-id", "b", "--batch-size", "8"]
     env = {**os.environ, "RAY_ADDRESS": state_address()}
+    before = alive_actor_ids()
     run = Background(
         lambda: subprocess.run([sys.executable, "-c", drill, *args], capture_output=True, text=True, env=env, cwd=REPO)
     )
-    down = outage_while(run, down_s=None)
+    down = outage_while(run, before, down_s=None)
     proc = run.finish()
     lines = [line for line in proc.stderr.splitlines() if line.startswith("restoration: error:")]
     with capsys.disabled():
@@ -313,13 +337,14 @@ def test_training_worker_killed_mid_epoch_resumes_from_checkpoint(s3, ray_cluste
 
     t0 = time.monotonic()
     launch = LaunchConfig(storage=runs, name="killed", max_failures=2, num_to_keep=None)
+    before = alive_actor_ids()
     run = Background(lambda: run_training("restorer", shards, launch, resolve_config("restorer", None, tiny)))
     # Kill the worker once Ray Train has registered a checkpoint: it is then in the next epoch.
     deadline, registered, worker = time.monotonic() + 600, 0, None
     while run.is_alive() and time.monotonic() < deadline:
         if storage.exists(snapshot):
             registered = len(json.loads(storage.read_bytes(snapshot))["checkpoint_results"])
-            worker = live_actor("RayTrainWorker")
+            worker = live_actor("RayTrainWorker", ignore=before)
             if registered and worker is not None:
                 kill9(worker.pid)
                 break
@@ -365,8 +390,9 @@ def test_generator_actor_killed_mid_run_exact_count_identical_images(s3, ray_clu
     n = 4000
     out = s3.uri("rel", "synth")
     config = SynthesizeConfig(model=gan_file, output=out, count=n, seed=3, run_id="k", batch_size=16)
+    before = alive_actor_ids()
     run = Background(lambda: run_synthesize(config))
-    actor = wait_until_busy("GeneratorActor", run)
+    actor = wait_until_busy("GeneratorActor", run, ignore=before)
     kill9(actor.pid)
     print(f"killed generator actor pid {actor.pid} mid-run")
     report = run.finish()
