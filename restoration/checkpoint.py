@@ -31,6 +31,9 @@ from restoration.models import MODELS
 FORMAT = "restoration-model"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "kind", "config", "state_dict", "meta")
+# Config fields added after files were written without them, per kind, with the value such a file means (a VAE file
+# from before sampling priors samples from N(0, I)). Any other absent field makes the file invalid.
+ADDED_FIELDS: dict[str, dict[str, Any]] = {"vae": {"prior_components": 0}}
 
 
 class ModelFileError(ValueError):
@@ -164,6 +167,7 @@ def load_model(source: str | os.PathLike | bytes | BinaryIO, expected_kind: str 
         raise ModelFileError(f"{name}: unknown model kind {kind!r}: expected one of {', '.join(MODELS)}")
     config_cls, module_cls = MODELS[kind]
     field_names = [f.name for f in dataclasses.fields(config_cls)]
+    raw_config = {**ADDED_FIELDS.get(kind, {}), **raw_config}
     unexpected = [key for key in raw_config if key not in field_names]
     absent = [key for key in field_names if key not in raw_config]
     if unexpected or absent:

@@ -254,6 +254,12 @@ def _check_generator(loaded: LoadedModel, name: str) -> LoadedModel:
     return loaded
 
 
+def latent_source(loaded: LoadedModel) -> str:
+    """Where a generator's latents come from, for the tables."""
+    k = getattr(loaded.config, "prior_components", 0)
+    return f"a {k}-component mixture fitted to q(z)" if k else "N(0, I)"
+
+
 def _generate(loaded: LoadedModel, n: int, seed: int, batch_size: int, name: str) -> Tensor:
     _check_generator(loaded, name)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1 or batch_size < 1:
@@ -264,7 +270,7 @@ def _generate(loaded: LoadedModel, n: int, seed: int, batch_size: int, name: str
     with torch.no_grad():
         for first in range(0, n, batch_size):
             # Both sample APIs return images in [0, 1]: DCGAN maps its tanh output by (x + 1) / 2, the VAE decodes
-            # the Bernoulli mean sigmoid(logits). z ~ N(0, I) (no truncation; the VAE draws from its prior).
+            # the Bernoulli mean sigmoid(logits). No truncation; the VAE draws from its sampling prior.
             chunks.append(module.sample(min(batch_size, n - first), generator=generator).float().cpu())
     return torch.cat(chunks).clamp(0, 1)  # (n, 1, 28, 28)
 
@@ -368,7 +374,7 @@ def run_fid_bench(
             {
                 "name": label,
                 "kind": "generated",
-                "description": f"{model.kind} samples, z ~ N(0, I), seed {seed}",
+                "description": f"{model.kind} samples, z ~ {latent_source(model)}, seed {seed}",
                 "n": n,
                 **score(images),
                 "model_sha256": model.sha256,

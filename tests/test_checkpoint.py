@@ -262,6 +262,16 @@ def test_unknown_kind_and_wrong_kind():
         load_model(model_to_bytes("restorer", CONFIG, trained_like()), expected_kind="gan")
 
 
+def test_a_vae_file_from_before_sampling_priors_loads_with_the_normal_prior():
+    from restoration.models.vae import VAE, VAEConfig
+
+    model = VAE(VAEConfig(latent_dim=4, width=4))
+    payload = torch.load(io.BytesIO(model_to_bytes("vae", model.config, model)), weights_only=True)
+    del payload["config"]["prior_components"]  # as files written before the field existed
+    loaded = load_model(to_bytes(payload), expected_kind="vae")
+    assert loaded.config.prior_components == 0 and loaded.config == model.config
+
+
 def test_config_fields_that_do_not_match_the_dataclass():
     payload = valid_payload()
     extra = {**payload, "config": {**payload["config"], "dropout": 0.1}}

@@ -181,3 +181,33 @@ def test_actor_rows_are_raw_samples_and_encoding_gives_the_pngs_of_the_generator
     for image, png in zip(floats, encoded.column("image").to_pylist()[::4], strict=True):
         assert png == codec.encode_png(image)
         assert np.array_equal(np.array(Image.open(io.BytesIO(png))), codec.to_uint(image, 8)[:, :, 0])
+
+
+def test_vae_rows_come_from_its_mixture_prior_by_seed_and_index_alone(tmp_path):
+    """A VAE with a fitted sampling prior: row i decodes prior_latents(eps_i, u_i), both drawn from (seed, i) alone,
+    so a row is the same in any batch."""
+    import pyarrow as pa
+
+    from restoration import codec
+    from restoration.pipelines.synthesize import GeneratorActor, latent_for, uniforms_for
+
+    assert torch.equal(uniforms_for(5, [3, 9]), uniforms_for(5, [9, 3]).flip(0))
+    assert not torch.equal(uniforms_for(5, [3]), uniforms_for(6, [3]))
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(width=16, latent_dim=8, prior_components=3))
+    means = torch.stack([torch.full((8,), v) for v in (-3.0, 0.0, 3.0)])
+    model.set_prior(torch.tensor([0.2, 0.3, 0.5]), means, torch.eye(8).repeat(3, 1, 1) * 0.3)
+    path = tmp_path / "vae.pt"
+    save_model(path, "vae", model.config, model)
+
+    actor = GeneratorActor(SynthesizeConfig(model=str(path), output="unused", count=6, seed=5), run_id="r", threads=1)
+    rows = actor(pa.table({"index": pa.array([0, 1, 2, 3, 4, 5], pa.int64())}))
+    alone = actor(pa.table({"index": pa.array([4], pa.int64())}))
+    assert alone.column("pixels")[0] == rows.column("pixels")[4]
+    with torch.inference_mode():
+        eps = torch.stack([latent_for(5, i, 8) for i in range(6)]).double()
+        z = actor.module.prior_latents(eps, uniforms_for(5, list(range(6))))
+        assert not torch.allclose(z, eps)  # the mixture moved them
+        expected = codec.to_uint(actor.module.decode(z).permute(0, 2, 3, 1).numpy(), 8)
+    got = [np.frombuffer(p, np.uint8).reshape(28, 28, 1) for p in rows.column("pixels").to_pylist()]
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))

@@ -87,7 +87,7 @@ def fmnist_shards(s3):
         ),
         (
             "vae",
-            {"width": 16, "latent_dim": 8, "batch_size": 64, "eval_images": 256},
+            {"width": 16, "latent_dim": 8, "batch_size": 64, "eval_images": 256, "prior_components": 4},
             ["samples.png", "reconstructions.png"],
         ),
     ],
@@ -100,6 +100,9 @@ def test_generator_loops_checkpoint_previews_and_export(s3, ray_cluster, fmnist_
     loaded = load_model(storage.read_bytes(report.model_path), expected_kind=kind)
     images = loaded.module.sample(4, generator=torch.Generator().manual_seed(0))
     assert tuple(images.shape) == (4, 1, 28, 28) and float(images.min()) >= 0 and float(images.max()) <= 1
+    if kind == "vae":  # the sampling prior was fitted to the checkpoint's posterior before the model file was written
+        assert loaded.config.prior_components == 4 and loaded.meta["prior"]["components"] == 4
+        assert not torch.equal(loaded.module.prior_means, torch.zeros(4, 8))
     # Every checkpoint carries its preview grids next to the state and the model file.
     folders = {posixpath.dirname(i.path) for i in storage.list_files(storage.join(runs, kind))}
     checkpoints = {f for f in folders if posixpath.basename(f).startswith("checkpoint_")}

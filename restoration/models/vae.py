@@ -16,6 +16,13 @@ Likelihoods p(x|z) over pixels in [0, 1]:
 
 The nets use no normalisation layers, so an image depends only on its own z: a sample is the same whichever batch
 it was drawn in, which is what makes seeded synthesis reproducible across worker counts.
+
+Sampling prior. Training fits q(z|x) against N(0, I), but the aggregate posterior q(z) = E_x q(z|x) never fills
+N(0, I) exactly, and decoding z from the holes gives the blurred in-between shapes that VAE samples are known for.
+With `prior_components = K > 0` the model also holds a K-component Gaussian mixture with full covariances, fitted
+after training to samples of q(z) (ex-post density estimation, as in P. Ghosh et al., "From Variational to
+Deterministic Autoencoders", ICLR 2020), and `sample` draws z from it; the loss is untouched. On the bundled
+Fashion-MNIST model it lowers FID from 103.7 to about 51 (README, Quality).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class VAEConfig:
     width: int = 32  # channels of the first conv; each stride-2 stage doubles them
     likelihood: str = "bernoulli"  # "bernoulli" (decoder outputs logits) or "gaussian" (decoder outputs means)
     beta: float = 1.0  # weight of the KL term (beta-VAE when != 1)
+    prior_components: int = 0  # 0: sample z ~ N(0, I); K: from a K-component mixture fitted to the posterior
 
     def __post_init__(self) -> None:
         if self.image_size not in LAYOUTS:
@@ -56,6 +64,9 @@ class VAEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"VAEConfig.{name}={value!r}: expected an int >= 1")
+        k = self.prior_components
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"VAEConfig.prior_components={k!r}: expected an int >= 0 (0: the standard normal prior)")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"VAEConfig.likelihood={self.likelihood!r}: expected one of {', '.join(LIKELIHOODS)}")
         beta = self.beta
@@ -197,6 +208,13 @@ class VAE(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        k, d = config.prior_components, config.latent_dim
+        if k:
+            # The sampling prior: mixture weights, means and Cholesky factors of the covariances. Until `set_prior`
+            # it is K copies of N(0, I), which is N(0, I) itself.
+            self.register_buffer("prior_weights", torch.full((k,), 1.0 / k))  # (K,)
+            self.register_buffer("prior_means", torch.zeros(k, d))  # (K, D)
+            self.register_buffer("prior_scale_tril", torch.eye(d).repeat(k, 1, 1))  # (K, D, D)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Encode, draw z, decode: what the ELBO needs.
@@ -224,8 +242,47 @@ class VAE(nn.Module):
         # The mean of a Bernoulli is sigmoid(logit); a Gaussian mean is unbounded, so clamp it to the pixel range.
         return torch.sigmoid(out) if self.config.likelihood == "bernoulli" else out.clamp(0, 1)
 
+    def set_prior(self, weights: Tensor, means: Tensor, scale_tril: Tensor) -> None:
+        """Set the sampling prior's mixture: weights (K,) summing to 1, means (K, D), lower-triangular Cholesky
+        factors (K, D, D) of the covariances with positive diagonals."""
+        k, d = self.config.prior_components, self.config.latent_dim
+        if not k:
+            raise ValueError("this VAE samples from N(0, I): build it with VAEConfig.prior_components > 0")
+        weights, means, scale_tril = (
+            torch.as_tensor(t, dtype=self.prior_means.dtype) for t in (weights, means, scale_tril)
+        )
+        if weights.shape != (k,) or means.shape != (k, d) or scale_tril.shape != (k, d, d):
+            raise ValueError(
+                f"prior of shapes {tuple(weights.shape)}, {tuple(means.shape)}, {tuple(scale_tril.shape)}: "
+                f"expected ({k},), ({k}, {d}), ({k}, {d}, {d})"
+            )
+        if (weights < 0).any() or abs(float(weights.sum()) - 1) > 1e-4:
+            raise ValueError("prior weights must be >= 0 and sum to 1")
+        if not torch.equal(scale_tril, scale_tril.tril()) or (scale_tril.diagonal(dim1=-2, dim2=-1) <= 0).any():
+            raise ValueError("prior scale_tril must be lower-triangular with a positive diagonal")
+        self.prior_weights.copy_(weights)
+        self.prior_means.copy_(means)
+        self.prior_scale_tril.copy_(scale_tril)
+
+    def prior_latents(self, eps: Tensor, u: Tensor) -> Tensor:
+        """Map standard normal draws to draws of the sampling prior.
+
+        Args:
+            eps: (B, D) draws of N(0, I).
+            u: (B,) draws of U[0, 1) choosing each row's mixture component (unused with the N(0, I) prior).
+        Returns:
+            (B, D) latents: eps itself, or mean_k + L_k eps with k the component whose cumulative weight passes u.
+        """
+        if not self.config.prior_components:
+            return eps
+        cumulative = self.prior_weights.double().cumsum(0)  # (K,)
+        u = u.to(cumulative.device, torch.float64).contiguous()
+        k = torch.searchsorted(cumulative, u, right=True).clamp_max(len(cumulative) - 1)  # (B,)
+        means, tril = self.prior_means.to(eps.dtype)[k], self.prior_scale_tril.to(eps.dtype)[k]  # (B, D), (B, D, D)
+        return means + (tril @ eps.unsqueeze(-1)).squeeze(-1)
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Draw n images from the model: z ~ N(0, I), then `decode`.
+        """Draw n images from the model: z from the sampling prior (N(0, I) or the fitted mixture), then `decode`.
 
         Args:
             n: number of images (>= 0).
@@ -239,6 +296,9 @@ class VAE(nn.Module):
         weight = self.decoder.project.weight
         device = weight.device if generator is None else generator.device
         z = torch.randn((n, self.config.latent_dim), generator=generator, device=device, dtype=weight.dtype)
+        if self.config.prior_components:
+            u = torch.rand((n,), generator=generator, device=device, dtype=torch.float64)
+            z = self.prior_latents(z.to(weight.device), u.to(weight.device))
         return self.decode(z.to(weight.device))  # (n, C, S, S)
 
     def reconstruct(self, x: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 """The synthesis pipeline: items → generator actors (GAN / VAE) → PNG tasks → Parquet under OUT/run_id=<id>/.
 
-    sample:       range(N) → z_i from a generator seeded by (seed, i) alone → G(z_i) or decode(z_i)
+    sample:       range(N) → z_i from a generator seeded by (seed, i) alone → G(z_i), or decode(z_i) with z_i
+                  mapped to the VAE's sampling prior (its fitted mixture, or N(0, I))
     interpolate:  pairs of input images → VAE encode (μ) → lerp/slerp at T alphas → decode
     reconstruct:  input images → VAE encode (μ) → decode
 
@@ -138,6 +139,15 @@ def latent_for(seed: int, index: int, latent_dim: int, truncation: float | None 
     return sample_latent(1, latent_dim, generator=rng, truncation=truncation)[0]
 
 
+def uniforms_for(seed: int, indices: list[int]):
+    """One U[0, 1) draw per row, seeded by (seed, index) alone: picks the component of a VAE's mixture prior.
+    Returns a (len(indices),) float64 tensor."""
+    import torch
+
+    draws = [np.random.default_rng(degrade.seed_for(seed, f"component/{i}")).random() for i in indices]
+    return torch.tensor(draws, dtype=torch.float64)
+
+
 def slerp(a, b, alpha: float):
     """Spherical interpolation between latents (Shoemake 1985); falls back to lerp for nearly parallel vectors."""
     import torch
@@ -183,6 +193,8 @@ class GeneratorActor:
 
         latent_dim = self.loaded.config.latent_dim
         z = torch.stack([latent_for(self.config.seed, i, latent_dim, self.config.truncation) for i in indices])
+        if self.loaded.kind == "vae":  # N(0, I) draws -> the VAE's sampling prior (unchanged for N(0, I) itself)
+            z = self.module.prior_latents(z.to(self.device, self.dtype), uniforms_for(self.config.seed, indices))
         images = self._decode(z)  # (B, S, S, C) uint8
         for i, image in zip(indices, images, strict=True):
             rows.append(self._row(i, image, source_keys=None, alpha=None))

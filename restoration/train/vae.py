@@ -18,7 +18,14 @@ import torch
 from restoration.checkpoint import save_model
 from restoration.models.vae import VAE, VAEConfig
 from restoration.train import launcher
-from restoration.train.vae_core import evaluate_elbo, kl_weight, prior_grid, reconstruction_grid, vae_step
+from restoration.train.vae_core import (
+    evaluate_elbo,
+    fit_latent_prior,
+    kl_weight,
+    prior_grid,
+    reconstruction_grid,
+    vae_step,
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,8 @@ class VAETrainConfig:
     width: int = 32
     likelihood: str = "bernoulli"
     beta: float = 1.0
+    prior_components: int = 0  # >0: fit a mixture sampling prior to q(z) at every checkpoint (models/vae.py)
+    prior_fit_images: int = 20000  # training images (of rank 0's shard) the prior is fitted to
     # Optimisation.
     batch_size: int = 128  # per worker
     steps_per_epoch: int | None = None  # None: one pass over the worker's shard
@@ -46,16 +55,39 @@ class VAETrainConfig:
         self.model_config()  # validates the model part
         if self.batch_size < 1 or self.epochs < 1 or (self.steps_per_epoch is not None and self.steps_per_epoch < 1):
             raise ValueError("batch_size, epochs and steps_per_epoch must be >= 1")
+        if self.prior_components and self.prior_fit_images < self.prior_components:
+            raise ValueError(
+                f"prior_fit_images={self.prior_fit_images!r}: expected >= prior_components ({self.prior_components})"
+            )
 
     def model_config(self) -> VAEConfig:
-        return VAEConfig(self.image_size, self.channels, self.latent_dim, self.width, self.likelihood, self.beta)
+        return VAEConfig(
+            self.image_size,
+            self.channels,
+            self.latent_dim,
+            self.width,
+            self.likelihood,
+            self.beta,
+            self.prior_components,
+        )
 
 
 PRESETS: dict[str, dict] = {
     # Minutes on 2 CPU cores.
-    "vae-fmnist-cpu": dict(latent_dim=16, width=32, batch_size=128, steps_per_epoch=100, epochs=5, kl_warmup_steps=200),
+    "vae-fmnist-cpu": dict(
+        latent_dim=16,
+        width=32,
+        batch_size=128,
+        steps_per_epoch=100,
+        epochs=5,
+        kl_warmup_steps=200,
+        prior_components=10,
+        prior_fit_images=5000,
+    ),
     # Full passes on GPUs.
-    "vae-fmnist-28": dict(latent_dim=32, width=64, batch_size=128, epochs=50, kl_warmup_steps=5000),
+    "vae-fmnist-28": dict(
+        latent_dim=32, width=64, batch_size=128, epochs=50, kl_warmup_steps=5000, prior_components=50
+    ),
 }
 
 
@@ -110,7 +142,10 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.setdefault("val_nelbo", float("nan"))
         meta = {"train_config": dataclasses.asdict(cfg), "epoch": epoch, "metrics": metrics}
 
-        def write_files(folder: Path, meta=meta) -> None:
+        def write_files(folder: Path, meta=meta, epoch=epoch) -> None:
+            if cfg.prior_components:  # the sampling prior, fitted to this checkpoint's posterior
+                subset = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)))
+                meta["prior"] = fit_latent_prior(net, train[subset[: cfg.prior_fit_images]], seed=cfg.seed)
             save_model(folder / "model.pt", "vae", net.config, net, meta=meta)
             launcher.save_png(
                 folder / "reconstructions.png", reconstruction_grid(net, val[:8].float().div(255).to(device))

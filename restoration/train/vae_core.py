@@ -128,6 +128,60 @@ def evaluate_elbo(model: nn.Module, images: Tensor, batch_size: int = 256, seed:
     return {"neg_elbo": (recon_sum + kl_sum) / n, "recon": recon_sum / n, "kl": kl_sum / n}
 
 
+@torch.no_grad()
+def fit_latent_prior(model: nn.Module, images: Tensor, seed: int = 0, batch_size: int = 1000) -> dict[str, float]:
+    """Fit the VAE's sampling prior to its aggregate posterior q(z) and store it in the model (`VAE.set_prior`).
+
+    One z ~ q(z|x) per image, then a Gaussian mixture with `prior_components` full-covariance components, fitted by EM
+    from a k-means start (scikit-learn's `GaussianMixture`). Fitting to draws of q(z|x) rather than to the means mu(x)
+    covers the posterior's spread too; on Fashion-MNIST it gives the lower FID of the two.
+
+    Args:
+        model: a `VAE` built with `prior_components > 0`, or a DDP-wrapped one; its mode is kept.
+        images: (N, C, S, S) images, uint8 or floating point in [0, 1], N >= prior_components; on any device.
+        seed: seeds the posterior draws and the mixture's initialisation.
+        batch_size: images per encoder pass.
+    Returns:
+        {"components", "images", "iterations", "log_likelihood"}: the last is the mean log density of the draws
+        under the fitted mixture, in nats per image.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    vae = _unwrap(model)
+    k = vae.config.prior_components
+    if not k:
+        raise ValueError("the model samples from N(0, I): build it with prior_components > 0 to fit a prior")
+    if images.ndim != 4 or len(images) < k:
+        raise ValueError(f"images of shape {tuple(images.shape)}: expected (N, C, S, S) with N >= {k} (components)")
+    parameter = vae.decoder.project.weight
+    generator = torch.Generator().manual_seed(seed)
+    was_training = vae.training
+    vae.eval()
+    draws = []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(parameter.device)
+            x = x.to(parameter.dtype).div(255) if not x.is_floating_point() else x.to(parameter.dtype)
+            mu, logvar = vae.encode(x)  # (b, D), (b, D)
+            eps = torch.randn(mu.shape, generator=generator, dtype=torch.float64)  # drawn on the CPU: any device
+            draws.append(mu.double().cpu() + torch.exp(0.5 * logvar.double().cpu()) * eps)
+    finally:
+        vae.train(was_training)
+    z = torch.cat(draws).numpy()  # (N, D) float64
+    mixture = GaussianMixture(k, covariance_type="full", max_iter=200, random_state=seed).fit(z)
+    vae.set_prior(
+        torch.from_numpy(mixture.weights_ / mixture.weights_.sum()),
+        torch.from_numpy(mixture.means_),
+        torch.from_numpy(np.linalg.cholesky(mixture.covariances_)),
+    )
+    return {
+        "components": k,
+        "images": len(z),
+        "iterations": int(mixture.n_iter_),
+        "log_likelihood": float(mixture.score(z)),
+    }
+
+
 def _grid(images: Tensor, columns: int, pad: int = 2) -> np.ndarray:
     """Tile (N, C, S, S) images in [0, 1], row-major, into one (H, W, 3) uint8 picture with grey `pad`-pixel gaps."""
     n, c, s, _ = images.shape
@@ -165,7 +219,7 @@ def reconstruction_grid(model: nn.Module, x: Tensor, n: int = 8) -> np.ndarray:
 
 @torch.no_grad()
 def prior_grid(model: nn.Module, n: int = 64, seed: int = 0) -> np.ndarray:
-    """n samples z ~ N(0, I) decoded, in a near-square grid; the same seed gives the same picture on any device.
+    """n samples of the sampling prior decoded, in a near-square grid; the same seed gives the same picture on any device.
 
     Args:
         model: a `VAE`, or a DDP-wrapped one.
