@@ -449,6 +449,7 @@ class ResourceSampler:
             "worker_peak_mb_max": max((w["peak_mb"] for w in workers), default=0.0),
             "worker_peak_mb_sum": sum(w["peak_mb"] for w in workers),
             "worker_anon_mb_max": max((w["peak_anon_mb"] for w in workers), default=0.0),
+            "worker_anon_mb_sum": sum(w["peak_anon_mb"] for w in workers),
             "worker_cpu_s": sum(w["cpu_s"] for w in workers),
             "top_workers": workers[:6],
             "other_cpu_s": extra_cpu,
@@ -767,13 +768,25 @@ def scale_check(config: ThroughputConfig, env: dict, noisy: list[WorkImage], pro
             "worker_peak_mb_max": res["worker_peak_mb_max"],
             "worker_peak_mb_sum": res["worker_peak_mb_sum"],
             "worker_anon_mb_max": res["worker_anon_mb_max"],
+            "worker_anon_mb_sum": res["worker_anon_mb_sum"],
+            "actor_anon_mb": max(
+                (w["peak_anon_mb"] for w in res["top_workers"] if any("RestoreActor" in r for r in w["roles"])),
+                default=0.0,
+            ),
             "top_workers": res["top_workers"][:3],
         }
 
     def growth(name: str) -> float:
         return runs["10N"][name] / runs["N"][name] - 1.0 if runs["N"][name] else float("nan")
 
-    names = ("driver_peak_mb", "worker_peak_mb_max", "worker_peak_mb_sum", "worker_anon_mb_max")
+    names = (
+        "driver_peak_mb",
+        "worker_peak_mb_max",
+        "worker_peak_mb_sum",
+        "worker_anon_mb_max",
+        "worker_anon_mb_sum",
+        "actor_anon_mb",
+    )
     return {"runs": runs, "growth": {name: growth(name) for name in names}, "target_growth": 0.25}
 
 
@@ -1188,6 +1201,14 @@ def format_table(result: dict) -> str:
                 f"({scale['growth']['worker_peak_mb_max']:+.0%}), sum of worker peaks {n['worker_peak_mb_sum']:.0f} "
                 f"-> {n10['worker_peak_mb_sum']:.0f} MB ({scale['growth']['worker_peak_mb_sum']:+.0%}); "
                 f"target <= +{scale['target_growth']:.0%}"
+            )
+            grow = scale["growth"]
+            lines.append(
+                f"  scale check, private memory (RssAnon; RSS also counts the pages of Ray's shared object store a "
+                f"worker touched): restore actor {n['actor_anon_mb']:.0f} -> {n10['actor_anon_mb']:.0f} MB "
+                f"({grow['actor_anon_mb']:+.0%}), largest worker {n['worker_anon_mb_max']:.0f} -> "
+                f"{n10['worker_anon_mb_max']:.0f} MB ({grow['worker_anon_mb_max']:+.0%}), sum "
+                f"{n['worker_anon_mb_sum']:.0f} -> {n10['worker_anon_mb_sum']:.0f} MB ({grow['worker_anon_mb_sum']:+.0%})"
             )
     synthesis = result.get("synthesis")
     if synthesis:

@@ -87,6 +87,12 @@ OUTPUT_SCHEMA = pa.schema(
 # equal reservations are fused, and decode fused into the actor runs on the model's core, in series with the model.
 DATA_TASK_CPUS = 0.5
 
+# Largest block the pipeline's operators build (Ray Data's default is 128 MiB). Decoded images travel as float32, and
+# every operator holds a block in and one being built out, so the block size, not the number of images, sets how much
+# memory each worker needs: 128 MiB blocks doubled the actor's peak between a 256-image run (whose whole output fits
+# in one block) and a 2,560-image one. 16 MiB is 64 images of 256 x 256 and keeps a worker's peak flat.
+BLOCK_BYTES = 16 * 1024 * 1024
+
 # `--model FAMILY` resolves per image: the gray variant for 1-channel images, the colour variant for 3-channel ones.
 MODEL_FAMILIES = {"denoise": ("denoise-gray", "denoise-color"), "restore": ("restore-gray", "restore-color")}
 
@@ -496,6 +502,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
 
     init_ray()
     ds = data.read_images(config.input, extra_columns=("reference",))
+    ds.context.target_max_block_size = BLOCK_BYTES  # this run's own copy of the context
     rows_in = data.count_rows(config.input)  # from the Parquet footers: ds.count() would run the read once more
 
     # Resume: keys already written by earlier attempts of this run are skipped; what failed attempts left in staging
