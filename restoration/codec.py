@@ -231,8 +231,8 @@ def encode_png(
     decode(encode_png(x)) gives x back exactly when x holds multiples of 1/255 (8-bit) or 1/65535 (16-bit gray).
 
     Args:
-        pixels: (H, W, C) or (H, W) float in [0, 1], C == 1 or 3; clipped and rounded by `to_uint`. 8-bit output
-            also takes uint8 samples already quantised by `to_uint` (a whole batch at once, say) and writes them as is.
+        pixels: (H, W, C) or (H, W) float in [0, 1], C == 1 or 3; clipped and rounded by `to_uint`. Samples already
+            quantised by `to_uint` (uint8 for 8-bit output, uint16 for 16-bit) are written as they are.
         alpha: (H, W) uint8 or uint16, attached unchanged when its depth matches the output; a uint16 alpha on 8-bit
             output is scaled round(a / 257), a uint8 alpha on 16-bit output a * 257 (both exact on 0 and the maximum).
         bit_depth: 8, or 16 for a 16-bit PNG (gray through Pillow, gray+alpha and colour through the writer here).
@@ -249,7 +249,7 @@ def encode_png(
         raise ValueError(f"pixels have shape {pixels.shape}: expected (H, W), (H, W, 1) or (H, W, 3) with H, W >= 1")
     if not isinstance(compress_level, numbers.Integral) or not 0 <= compress_level <= 9:
         raise ValueError(f"compress_level={compress_level!r}: expected an int in 0..9")
-    if pixels.dtype == np.uint8 and bit_depth == 8:
+    if (pixels.dtype, bit_depth) in ((np.uint8, 8), (np.uint16, 16)):
         samples = pixels
     else:
         samples = to_uint(pixels, bit_depth)  # (H, W, C), also validates bit_depth and dtype

@@ -237,6 +237,7 @@ def test_16bit_gray_png_round_trips_exactly():
     header, samples = _read_png_samples(png)  # and an independent reader sees the same 16-bit samples
     assert (header["bit_depth"], header["color_type"]) == (16, 0)
     np.testing.assert_array_equal(samples[:, :, 0], src)
+    assert encode_png(src, bit_depth=16) == png  # uint16 samples are written as they are
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I;16B"])

@@ -14,7 +14,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from restoration import data, storage
+from restoration import codec, data, metrics, storage
 from restoration.checkpoint import save_model
 from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.pipelines.restore import (
@@ -27,6 +27,7 @@ from restoration.pipelines.restore import (
     load_restorer,
     read_output,
     run_restore,
+    stage_pixels,
 )
 from restoration.train.patches import load_images
 from restoration.train.restorer_core import FitConfig, NoiseSpec, fit_restorer
@@ -95,6 +96,39 @@ def test_actor_and_encoder_as_plain_callables(tiny_model):
     np.testing.assert_array_equal(np.asarray(result)[..., 3], np.asarray(rgba)[..., 3])  # alpha untouched
     assert decode_png(rows["gray"]["image"]).mode == "L"
     assert all(r["elapsed_ms"] >= 0 for r in rows.values())
+
+
+def test_stage_pixels_are_the_files_integer_samples_except_a_degraded_input(tiny_model):
+    """Between stages pixels travel as the file's own uint8/uint16 samples (a quarter of float32's bytes for 8-bit
+    images); only a degraded input, whose noise is not quantised, travels as float32. The actor quantises its output
+    to the image's depth, and the row's PSNR is that of the file written."""
+    rng = np.random.default_rng(2)
+    gray8 = rng.integers(0, 256, (24, 20), dtype=np.uint8)
+    gray16 = rng.integers(0, 65536, (24, 20)).astype(np.uint16)
+    batch = pa.table(
+        {"key": ["g8", "g16"], "image": [png_bytes(Image.fromarray(gray8)), png_bytes(Image.fromarray(gray16))]}
+    )
+    plain = decode_batch(batch).to_pylist()
+    assert [len(r["pixels"]) for r in plain] == [24 * 20, 2 * 24 * 20]
+    np.testing.assert_array_equal(stage_pixels(plain[0]["pixels"], 24, 20, 1)[:, :, 0], gray8)
+    np.testing.assert_array_equal(stage_pixels(plain[1]["pixels"], 24, 20, 1)[:, :, 0], gray16)
+
+    degraded = decode_batch(batch, degradation="noise:25", seed=1)
+    rows = degraded.to_pylist()
+    assert [len(r["pixels"]) for r in rows] == [4 * 24 * 20, 4 * 24 * 20]  # float32: noise kept unquantised
+    assert [len(r["reference"]) for r in rows] == [24 * 20, 2 * 24 * 20]  # the clean file's samples
+    actor = RestoreActor(tiny_model, tile=16, overlap=4)
+    restored = actor(degraded).to_pylist()
+    for row, stage, depth in zip(restored, rows, (8, 16), strict=True):
+        noisy = stage_pixels(stage["pixels"], 24, 20, 1)
+        expected = codec.to_uint(actor.restore_array(noisy[None])[0], depth)
+        np.testing.assert_array_equal(stage_pixels(row["pixels"], 24, 20, 1), expected)
+    out = encode_batch(pa.Table.from_pylist(restored, schema=degraded.schema), model="t", model_sha256=None, run_id="r")
+    for row, depth, clean in zip(out.to_pylist(), (8, 16), (gray8, gray16), strict=True):
+        written = codec.decode(row["image"]).pixels
+        assert codec.decode(row["image"]).bit_depth == depth
+        reference = clean[:, :, None] / np.float32(2**depth - 1)
+        assert row["psnr"] == pytest.approx(metrics.psnr(written, reference), abs=1e-6)  # float32 rounding
 
 
 def test_bf16_inference_matches_fp32_and_auto_follows_the_hardware(tiny_model):

@@ -40,8 +40,11 @@ from restoration import codec, data, degrade, metrics, storage
 from restoration.checkpoint import model_label
 from restoration.device import PRECISIONS
 
-# Between stages a row carries its pixels as raw float32 bytes (H, W, C) — Arrow binary, no pickling, no copies
-# beyond the one into the numpy view.
+# Between stages a row carries its pixels as raw bytes (H, W, C) — Arrow binary, no pickling, no copies beyond the one
+# into the numpy view: the integer samples of the file (uint8, or uint16 for 16-bit images) wherever the values are
+# exactly those (a decoded input, a clean reference, the restored image quantised to the output's depth), float32 only
+# for a degraded input, whose noise is not quantised. The length tells which (`stage_pixels`). For 8-bit images that
+# moves a quarter of the bytes float32 would through the object store, and holds a quarter in each block.
 STAGE_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -52,7 +55,7 @@ STAGE_SCHEMA = pa.schema(
         ("alpha", pa.binary()),  # raw uint8/uint16 (H, W), null when the image has none
         ("bit_depth", pa.int32()),
         ("source_mode", pa.string()),
-        ("reference", pa.binary()),  # float32 (H, W, C) clean image, null when there is none
+        ("reference", pa.binary()),  # (H, W, C) clean image as `pixels`, null when there is none
         ("degradation", pa.string()),
         ("input_psnr", pa.float64()),
         ("elapsed_ms", pa.float64()),
@@ -151,8 +154,29 @@ def load_restorer(name_or_path: str):
 
 
 # ----------------------------------------------------------------------------------------------------------- stages
-def _float_view(buf: bytes, h: int, w: int, c: int) -> np.ndarray:
-    return np.frombuffer(buf, dtype=np.float32).reshape(h, w, c)
+def stage_pixels(buf: bytes, h: int, w: int, c: int) -> np.ndarray:
+    """A row's raw pixel bytes as an (H, W, C) array: uint8, uint16 or float32, as the length says."""
+    dtype = {1: np.uint8, 2: np.uint16, 4: np.float32}[len(buf) // (h * w * c)]
+    return np.frombuffer(buf, dtype=dtype).reshape(h, w, c)
+
+
+def _as_float(pixels: np.ndarray) -> np.ndarray:
+    """Stage pixels as float32 in [0, 1] (integer samples scaled by their maximum)."""
+    return pixels if pixels.dtype == np.float32 else _into_float(pixels, np.empty(pixels.shape, np.float32))
+
+
+def _into_float(pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Write stage pixels into the float32 array `out` as values in [0, 1]; returns `out`."""
+    if pixels.dtype == np.float32:
+        out[...] = pixels
+    else:
+        np.multiply(pixels, np.float32(1 / np.iinfo(pixels.dtype).max), out=out)
+    return out
+
+
+def _samples(pixels: np.ndarray, bit_depth: int) -> bytes:
+    """Float pixels in [0, 1] holding exact multiples of 1 / (2**bit_depth - 1) as the integer samples' bytes."""
+    return codec.to_uint(pixels, bit_depth).tobytes()
 
 
 def _error_row(key: str, error: str, elapsed_ms: float = 0.0) -> dict:
@@ -197,17 +221,18 @@ def decode_batch(
             rows.append(_error_row(key, f"reference: {e}" if not steps else f"degrade: {e}"))
             continue
         h, w, c = pixels.shape
+        depth = decoded.bit_depth
         rows.append(
             {
                 "key": key,
-                "pixels": np.ascontiguousarray(pixels, dtype=np.float32).tobytes(),
+                "pixels": pixels.astype(np.float32, copy=False).tobytes() if steps else _samples(pixels, depth),
                 "height": h,
                 "width": w,
                 "channels": c,
                 "alpha": decoded.alpha.tobytes() if decoded.alpha is not None else None,
                 "bit_depth": decoded.bit_depth,
                 "source_mode": decoded.mode,
-                "reference": reference.astype(np.float32, copy=False).tobytes() if reference is not None else None,
+                "reference": _samples(reference, depth) if reference is not None else None,
                 "degradation": spec_text,
                 "input_psnr": metrics.psnr(pixels, reference) if reference is not None else None,
                 "elapsed_ms": 1e3 * (time.perf_counter() - t0),
@@ -320,12 +345,17 @@ class RestoreActor:
             runner = self.runner(c)
             used = {"model": runner.label, "model_sha256": runner.loaded.sha256, "model_applied": runner.applied(c)}
             try:
-                stack = np.stack([_float_view(rows[i]["pixels"], h, w, c) for i in idx])  # (N, H, W, C)
-                with torch.inference_mode():
-                    out = runner.restore_array(stack)  # (N, H, W, C)
-                per_row_ms = 1e3 * (time.perf_counter() - t0) / len(idx)
+                stack = np.empty((len(idx), h, w, c), np.float32)  # (N, H, W, C), filled without temporaries
                 for j, i in enumerate(idx):
-                    rows[i].update(used, pixels=np.ascontiguousarray(out[j], dtype=np.float32).tobytes())
+                    _into_float(stage_pixels(rows[i]["pixels"], h, w, c), stack[j])
+                with torch.inference_mode():
+                    out = runner.restore_array(stack)  # (N, H, W, C) float
+                per_row_ms = 1e3 * (time.perf_counter() - t0) / len(idx)
+                # Quantised here, to the depth each PNG will have: one pass per depth, not one per image.
+                depths = [rows[i]["bit_depth"] for i in idx]
+                by_depth = {d: codec.to_uint(out, d) for d in set(depths)}
+                for j, (i, d) in enumerate(zip(idx, depths, strict=True)):
+                    rows[i].update(used, pixels=by_depth[d][j].tobytes())
                     rows[i]["elapsed_ms"] += per_row_ms
             except Exception as e:  # one bad group must not take the batch down: its rows become error rows
                 for i in idx:
@@ -369,7 +399,7 @@ def encode_batch(batch: pa.Table, model: str, model_sha256: str | None, run_id: 
         if row["error"] is None:
             try:
                 h, w, c = row["height"], row["width"], row["channels"]
-                restored = _float_view(row["pixels"], h, w, c)
+                restored = stage_pixels(row["pixels"], h, w, c)  # uint8 / uint16: the PNG's own samples
                 alpha = None
                 if row["alpha"] is not None:
                     dtype = np.uint16 if len(row["alpha"]) == 2 * h * w else np.uint8
@@ -377,12 +407,13 @@ def encode_batch(batch: pa.Table, model: str, model_sha256: str | None, run_id: 
                 png = codec.encode_png(restored, alpha=alpha, bit_depth=row["bit_depth"])
                 result.update(image=png, width=w, height=h, mode=_png_mode(c, alpha is not None, row["bit_depth"]))
                 if row["reference"] is not None:
-                    reference = _float_view(row["reference"], h, w, c)
+                    reference = _as_float(stage_pixels(row["reference"], h, w, c))
                     # SSIM's 11×11 window needs an image at least that large; smaller ones get PSNR only.
                     small = min(h, w) < 11
+                    delivered = _as_float(restored)  # the metrics describe the file written, not the float output
                     result.update(
-                        psnr=metrics.psnr(restored, reference),
-                        ssim=None if small else metrics.ssim(restored, reference),
+                        psnr=metrics.psnr(delivered, reference),
+                        ssim=None if small else metrics.ssim(delivered, reference),
                     )
             except Exception as e:  # noqa: BLE001 - becomes the row's error
                 result.update(image=None, error=f"encode: {type(e).__name__}: {str(e)[:200]}")
