@@ -99,9 +99,9 @@ def test_actor_and_encoder_as_plain_callables(tiny_model):
 
 
 def test_stage_pixels_are_the_files_integer_samples_except_a_degraded_input(tiny_model):
-    """Between stages pixels travel as the file's own uint8/uint16 samples (a quarter of float32's bytes for 8-bit
-    images); only a degraded input, whose noise is not quantised, travels as float32. The actor quantises its output
-    to the image's depth, and the row's PSNR is that of the file written."""
+    """Into the model, pixels travel as the file's own uint8/uint16 samples (a quarter of float32's bytes for 8-bit
+    images); a degraded input, whose noise is not quantised, and the model's output travel as float32. The PNG holds
+    the output quantised to the image's depth, and the row's PSNR is that of the file written."""
     rng = np.random.default_rng(2)
     gray8 = rng.integers(0, 256, (24, 20), dtype=np.uint8)
     gray16 = rng.integers(0, 65536, (24, 20)).astype(np.uint16)
@@ -119,13 +119,14 @@ def test_stage_pixels_are_the_files_integer_samples_except_a_degraded_input(tiny
     assert [len(r["reference"]) for r in rows] == [24 * 20, 2 * 24 * 20]  # the clean file's samples
     actor = RestoreActor(tiny_model, tile=16, overlap=4)
     restored = actor(degraded).to_pylist()
-    for row, stage, depth in zip(restored, rows, (8, 16), strict=True):
+    for row, stage in zip(restored, rows, strict=True):
         noisy = stage_pixels(stage["pixels"], 24, 20, 1)
-        expected = codec.to_uint(actor.restore_array(noisy[None])[0], depth)
-        np.testing.assert_array_equal(stage_pixels(row["pixels"], 24, 20, 1), expected)
+        np.testing.assert_array_equal(stage_pixels(row["pixels"], 24, 20, 1), actor.restore_array(noisy[None])[0])
     out = encode_batch(pa.Table.from_pylist(restored, schema=degraded.schema), model="t", model_sha256=None, run_id="r")
-    for row, depth, clean in zip(out.to_pylist(), (8, 16), (gray8, gray16), strict=True):
+    for row, stage, depth, clean in zip(out.to_pylist(), restored, (8, 16), (gray8, gray16), strict=True):
         written = codec.decode(row["image"]).pixels
+        expected = codec.to_uint(stage_pixels(stage["pixels"], 24, 20, 1), depth)
+        np.testing.assert_array_equal(codec.to_uint(written, depth), expected)
         assert codec.decode(row["image"]).bit_depth == depth
         reference = clean[:, :, None] / np.float32(2**depth - 1)
         assert row["psnr"] == pytest.approx(metrics.psnr(written, reference), abs=1e-6)  # float32 rounding

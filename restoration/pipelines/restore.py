@@ -41,10 +41,10 @@ from restoration.checkpoint import model_label
 from restoration.device import PRECISIONS
 
 # Between stages a row carries its pixels as raw bytes (H, W, C) — Arrow binary, no pickling, no copies beyond the one
-# into the numpy view: the integer samples of the file (uint8, or uint16 for 16-bit images) wherever the values are
-# exactly those (a decoded input, a clean reference, the restored image quantised to the output's depth), float32 only
-# for a degraded input, whose noise is not quantised. The length tells which (`stage_pixels`). For 8-bit images that
-# moves a quarter of the bytes float32 would through the object store, and holds a quarter in each block.
+# into the numpy view: the integer samples of the file (uint8, or uint16 for 16-bit images) where the values are
+# exactly those (a decoded input, a clean reference), float32 for a degraded input, whose noise is not quantised, and
+# for the model's output, which the encode tasks quantise (work kept off the model's core). The length tells which
+# (`stage_pixels`). For 8-bit inputs that moves a quarter of the bytes float32 would from decode to the model.
 STAGE_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -351,11 +351,8 @@ class RestoreActor:
                 with torch.inference_mode():
                     out = runner.restore_array(stack)  # (N, H, W, C) float
                 per_row_ms = 1e3 * (time.perf_counter() - t0) / len(idx)
-                # Quantised here, to the depth each PNG will have: one pass per depth, not one per image.
-                depths = [rows[i]["bit_depth"] for i in idx]
-                by_depth = {d: codec.to_uint(out, d) for d in set(depths)}
-                for j, (i, d) in enumerate(zip(idx, depths, strict=True)):
-                    rows[i].update(used, pixels=by_depth[d][j].tobytes())
+                for j, i in enumerate(idx):  # float32: quantising is the encode tasks' work, off the model's core
+                    rows[i].update(used, pixels=np.ascontiguousarray(out[j], dtype=np.float32).tobytes())
                     rows[i]["elapsed_ms"] += per_row_ms
             except Exception as e:  # one bad group must not take the batch down: its rows become error rows
                 for i in idx:
@@ -399,7 +396,7 @@ def encode_batch(batch: pa.Table, model: str, model_sha256: str | None, run_id: 
         if row["error"] is None:
             try:
                 h, w, c = row["height"], row["width"], row["channels"]
-                restored = stage_pixels(row["pixels"], h, w, c)  # uint8 / uint16: the PNG's own samples
+                restored = codec.to_uint(stage_pixels(row["pixels"], h, w, c), row["bit_depth"])  # the PNG's samples
                 alpha = None
                 if row["alpha"] is not None:
                     dtype = np.uint16 if len(row["alpha"]) == 2 * h * w else np.uint8
