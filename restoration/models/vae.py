@@ -296,10 +296,10 @@ class VAE(nn.Module):
         weight = self.decoder.project.weight
         device = weight.device if generator is None else generator.device
         z = torch.randn((n, self.config.latent_dim), generator=generator, device=device, dtype=weight.dtype)
+        z = z.to(weight.device)
         if self.config.prior_components:
-            u = torch.rand((n,), generator=generator, device=device, dtype=torch.float64)
-            z = self.prior_latents(z.to(weight.device), u.to(weight.device))
-        return self.decode(z.to(weight.device))  # (n, C, S, S)
+            z = self.prior_latents(z, torch.rand((n,), generator=generator, device=device, dtype=torch.float64))
+        return self.decode(z)  # (n, C, S, S)
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """Deterministic reconstruction decode(mu(x)): (B, C, S, S) in [0, 1] -> (B, C, S, S) in [0, 1]."""

@@ -41,8 +41,9 @@ from restoration.checkpoint import model_label
 from restoration.device import PRECISIONS
 
 # Between stages a row carries its pixels as raw bytes (H, W, C) — Arrow binary, no pickling, no copies beyond the one
-# into the numpy view: the integer samples of the file (uint8, or uint16 for 16-bit images) where the values are
-# exactly those (a decoded input, a clean reference), float32 for a degraded input, whose noise is not quantised, and
+# into the numpy view: integer samples at the image's bit depth (uint8, or uint16 for 16-bit images) for a decoded
+# input and a clean reference (exact for integer files; float and 32-bit sources keep the 16 bits their PNG is
+# written at), float32 for a degraded input, whose noise is not quantised, and
 # for the model's output, which the encode tasks quantise (work kept off the model's core). The length tells which
 # (`stage_pixels`). For 8-bit inputs that moves a quarter of the bytes float32 would from decode to the model.
 STAGE_SCHEMA = pa.schema(
@@ -90,10 +91,10 @@ OUTPUT_SCHEMA = pa.schema(
 # equal reservations are fused, and decode fused into the actor runs on the model's core, in series with the model.
 DATA_TASK_CPUS = 0.5
 
-# Largest block the pipeline's operators build (Ray Data's default is 128 MiB). Decoded images travel as float32, and
-# every operator holds a block in and one being built out, so the block size, not the number of images, sets how much
-# memory each worker needs: 128 MiB blocks doubled the actor's peak between a 256-image run (whose whole output fits
-# in one block) and a 2,560-image one. 16 MiB is 64 images of 256 x 256 and keeps a worker's peak flat.
+# Largest block the pipeline's operators build (Ray Data's default is 128 MiB). Every operator holds a block in and
+# one being built out, so the block size, not the number of images, sets how much memory each worker needs: 128 MiB
+# blocks doubled the actor's peak between a 256-image run (whose whole output fits in one block) and a 2,560-image
+# one. 16 MiB is 64 restored 256 x 256 gray images (float32) and keeps the actor's peak within about a quarter.
 BLOCK_BYTES = 16 * 1024 * 1024
 
 # `--model FAMILY` resolves per image: the gray variant for 1-channel images, the colour variant for 3-channel ones.
@@ -175,7 +176,7 @@ def _into_float(pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 
 def _samples(pixels: np.ndarray, bit_depth: int) -> bytes:
-    """Float pixels in [0, 1] holding exact multiples of 1 / (2**bit_depth - 1) as the integer samples' bytes."""
+    """Float pixels in [0, 1] as the bytes of their integer samples at `bit_depth` (`codec.to_uint`'s rounding)."""
     return codec.to_uint(pixels, bit_depth).tobytes()
 
 
