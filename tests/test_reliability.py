@@ -416,9 +416,8 @@ def test_generator_actor_killed_mid_run_exact_count_identical_images(s3, ray_clu
 # ----------------------------------------------------------------------------------------------------- 5. bad input
 @pytest.fixture(scope="module")
 def scale_runs(s3, ray_cluster, restorer_file, tmp_path_factory) -> SimpleNamespace:
-    """2,000 tiny images restored into a local folder twice: clean (in this process), then with 1% corrupt inputs of
-    six kinds and four hostile keys, as a `restoration restore` process whose whole output is kept (item 7 reads it).
-    """
+    """2,000 tiny images restored into a local folder twice by `restoration restore` processes: clean, then with 1%
+    corrupt inputs of six kinds and four hostile keys, keeping the second's whole output (item 7 reads it)."""
     n = 2000
     rng = np.random.default_rng(5)
     good = noise_images(n, 16, seed=5)
@@ -446,19 +445,24 @@ def scale_runs(s3, ray_cluster, restorer_file, tmp_path_factory) -> SimpleNamesp
     out = base / "out"
     before = set(Path("/tmp").glob(f"*{tag}*"))
 
-    clean = run_restore(RestoreConfig(s3.uri("rel", "scale", "clean"), str(out), model=restorer_file, run_id="clean"))
-    bad = subprocess.run(
-        [sys.executable, "-m", "restoration.cli", "restore", s3.uri("rel", "scale", "bad"), str(out)]
-        + ["--model", restorer_file, "--run-id", "bad"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "RAY_ADDRESS": state_address()},
-    )
-    assert bad.returncode == 0, bad.stderr[-3000:]
+    def restore(run_id: str) -> subprocess.CompletedProcess:  # both runs alike, so that their rates compare
+        proc = subprocess.run(
+            [sys.executable, "-m", "restoration.cli", "restore", s3.uri("rel", "scale", run_id), str(out)]
+            + ["--model", restorer_file, "--run-id", run_id],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "RAY_ADDRESS": state_address()},
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    restore("clean")
+    bad = restore("bad")
+    manifests = {r: json.loads((out / f"run_id={r}" / "_manifest.json").read_text()) for r in ("clean", "bad")}
     return SimpleNamespace(
         keys=keys, hostile=hostile, tag=tag, expected_reason=expected_reason, base=base, out=out, before=before,
-        clean=clean, bad=bad, manifest=json.loads((out / "run_id=bad" / "_manifest.json").read_text()),
+        bad=bad, manifest=manifests["bad"], clean=manifests["clean"],
     )  # fmt: skip
 
 
@@ -470,13 +474,13 @@ def test_one_percent_corrupt_inputs_at_scale_all_keys_out(scale_runs):
     assert set(errors) == set(runs.expected_reason) and runs.manifest["errors_by_stage"] == {"decode": 20}
     for key, (kind, reason) in runs.expected_reason.items():
         assert errors[key].startswith("decode: ") and reason in errors[key], (kind, errors[key])
-    assert runs.clean.errors == 0 and runs.clean.rows_out == len(runs.keys)
+    assert runs.clean["errors"] == 0 and runs.clean["rows_out"] == len(runs.keys)
 
     def steady_rate(run_id: str) -> float:  # rows per second between the first and the last row out (no start-up)
         done = read_output(str(runs.out / f"run_id={run_id}"), ["restored_at"]).column("restored_at").to_numpy()
         return (len(done) - 1) / max(done.max() - done.min(), 1e-9)
 
-    clean_rate, bad_rate = runs.clean.images_per_s, runs.manifest["images_per_s"]
+    clean_rate, bad_rate = runs.clean["images_per_s"], runs.manifest["images_per_s"]
     print(
         f"clean: {clean_rate:.0f} images/s end to end, {steady_rate('clean'):.0f} steady; 1% corrupt: {bad_rate:.0f} "
         f"images/s end to end, {steady_rate('bad'):.0f} steady (ratios {bad_rate / clean_rate:.2f}, "
