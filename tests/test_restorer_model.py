@@ -1,4 +1,4 @@
-"""Restorer nets (DnCNN and the FFDNet-style "fast" variant): tiny configs on CPU."""
+"""Restorer nets (DnCNN, the FFDNet-style "fast" variant and the U-Net): tiny configs on CPU."""
 
 import dataclasses
 
@@ -12,12 +12,13 @@ from torch import nn
 from restoration.models import MODELS
 from restoration.models.restorer import Restorer, RestorerConfig, build
 
-ARCHS = ["dncnn", "fast"]
+ARCHS = ["dncnn", "fast", "unet"]
 CHANNELS = [1, 3]
 
 
 def tiny(arch: str, channels: int, **overrides) -> RestorerConfig:
-    return RestorerConfig(**{"arch": arch, "channels": channels, "depth": 5, "width": 16, **overrides})
+    depth = 3 if arch == "unet" else 5  # for "unet", levels
+    return RestorerConfig(**{"arch": arch, "channels": channels, "depth": depth, "width": 16, **overrides})
 
 
 def conv_inputs(model: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
@@ -106,8 +107,8 @@ def test_output_is_input_minus_predicted_residual(arch):
     with torch.no_grad():
         assert not torch.equal(model(x), x)
         # With the last conv silenced the predicted residual is 0, so the model must return its input.
-        model.body[-1].conv.weight.zero_()
-        model.body[-1].conv.bias.zero_()
+        model.last_conv.weight.zero_()
+        model.last_conv.bias.zero_()
         assert torch.equal(model(x), x)
 
 
@@ -124,7 +125,7 @@ def test_fold_batch_norm_keeps_eval_outputs(arch, channels):
         loss.backward()
         opt.step()
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert len(bns) == 3
+    assert len(bns) == (10 if arch == "unet" else 3)  # unet: 2 per residual block, 5 blocks at 3 levels
     assert all((bn.running_var - 1).abs().max() > 1e-3 and bn.running_mean.abs().max() > 1e-3 for bn in bns)
 
     x = torch.rand(2, channels, 19, 22)
@@ -156,7 +157,7 @@ def test_fold_batch_norm_without_batch_norm_changes_nothing():
 @pytest.mark.parametrize(
     ("field", "value", "expected"),
     [
-        ("arch", "unet", "dncnn, fast"),
+        ("arch", "resnet", "dncnn, fast, unet"),
         ("channels", 2, "1 (gray) or 3 (RGB)"),
         ("depth", 2, ">= 3"),
         ("width", 0, ">= 1"),
@@ -196,7 +197,7 @@ def test_fast_body_runs_at_half_resolution_and_costs_a_quarter(channels):
     assert expected < 1 / 3
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ["dncnn", "fast"])
 def test_receptive_radius_matches_the_measured_support(arch):
     model = Restorer(tiny(arch, 1)).eval()
     size = 64
@@ -209,6 +210,31 @@ def test_receptive_radius_matches_the_measured_support(arch):
     assert max(radii) == model.receptive_radius
     assert model.receptive_radius == (5 if arch == "dncnn" else 11)
     assert model.downscale == (1 if arch == "dncnn" else 2)
+
+
+@pytest.mark.parametrize("levels", [2, 3, 4])
+def test_unet_receptive_radius_bounds_the_measured_support_at_every_grid_position(levels):
+    model = Restorer(RestorerConfig(arch="unet", depth=levels, width=8, batch_norm=False)).eval()
+    grid, size = model.downscale, 4 * model.receptive_radius
+    assert grid == 2 ** (levels - 1)
+    measured = 0
+    for offset in range(grid):  # every position of a pixel inside its grid cell
+        center = size // 2 + offset
+        x = torch.rand(1, 1, size, size, requires_grad=True)
+        model(x)[0, 0, center, center].backward()
+        rows, cols = torch.nonzero(x.grad[0, 0], as_tuple=True)
+        measured = max(measured, int(max((rows - center).abs().max(), (cols - center).abs().max())))
+    # An upper bound, and not a loose one: at most one grid cell beyond what is measured.
+    assert measured <= model.receptive_radius <= measured + grid
+    assert model.receptive_radius == 2 ** (levels + 2) - 4
+
+
+def test_unet_levels_halve_the_resolution_and_double_the_width():
+    model = Restorer(RestorerConfig(arch="unet", channels=3, depth=4, width=8)).eval()
+    shapes = conv_inputs(model, torch.rand(1, 3, 50, 70))  # padded to multiples of 8: 56 x 72
+    assert shapes[0] == (1, 3, 56, 72)
+    assert {s[1:] for s in shapes} >= {(8, 56, 72), (16, 28, 36), (32, 14, 18), (64, 7, 9)}
+    assert max(s[1] for s in shapes) == 64 and min(s[2] for s in shapes) == 7
 
 
 @pytest.mark.parametrize("arch", ARCHS)

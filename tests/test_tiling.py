@@ -18,10 +18,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def small_restorer(arch: str, channels: int) -> Restorer:
+def small_restorer(arch: str, channels: int, depth: int = 5) -> Restorer:
     """Random-init restorer of depth 5 with non-trivial BN statistics, in eval mode, BN folded."""
     torch.manual_seed(0)
-    model = Restorer(RestorerConfig(arch=arch, channels=channels, depth=5, width=16))
+    model = Restorer(RestorerConfig(arch=arch, channels=channels, depth=depth, width=16))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -115,6 +115,20 @@ def test_fast_arch_needs_tiles_aligned_to_its_pixel_unshuffle_grid(align):
         # Unaligned, some tiles start at odd offsets and see a shifted 2x2 grid: valid output, but not the same.
         assert odd_starts
         assert err > 1e-3
+
+
+def test_unet_tiles_aligned_to_its_grid_with_its_radius_as_overlap_are_exact():
+    model = small_restorer("unet", 3, depth=3)  # 3 levels: grid 4, radius 28
+    _, noisy = noisy_pair(data.astronaut()[::2, ::2])  # (1, 3, 256, 256)
+    noisy = noisy[..., 3:250, 5:256]  # sizes off the grid: (1, 3, 247, 251)
+    assert (model.downscale, model.receptive_radius) == (4, 28)
+    with torch.inference_mode():
+        whole = model(noisy)
+        tiled = tiled_apply(model, noisy, tile=96, overlap=model.receptive_radius, align=model.downscale)
+        short = tiled_apply(model, noisy, tile=96, overlap=8, align=model.downscale)
+    assert len(tiles_used(247, 251, 96, model.receptive_radius, 4)) > 4
+    assert (tiled - whole).abs().max() < 1e-5
+    assert (short - whole).abs().max() > 1e-3  # too little context: the U-Net sees far
 
 
 def test_colour_batch_and_tiles_never_larger_than_tile():

@@ -1,4 +1,4 @@
-"""Residual CNN restorers: DnCNN and a faster FFDNet-style variant.
+"""Residual CNN restorers: DnCNN, a faster FFDNet-style variant and a U-Net.
 
 DnCNN: K. Zhang, W. Zuo, Y. Chen, D. Meng, L. Zhang, "Beyond a Gaussian Denoiser: Residual Learning of Deep CNN for
 Image Denoising", IEEE Transactions on Image Processing 26(7), 2017. A plain stack of `depth` 3x3 convolutions
@@ -10,8 +10,15 @@ the same conv stack runs there (4x fewer positions per layer, about twice the re
 pixel-shuffled back. Two departures from the paper, both deliberate: the noise-level-map input is left out (the model
 is blind, like DnCNN-B), and the network predicts the residual like DnCNN instead of the clean image.
 
-Both are fully convolutional, so any H, W works, and translation-equivariant up to their receptive field radius
-(`Restorer.receptive_radius`), which is what makes exact tiled inference possible (see `restoration.tiling`).
+U-Net: a multi-scale body in the manner of DRUNet (K. Zhang, Y. Li, W. Zuo, L. Zhang, L. Van Gool, R. Timofte,
+"Plug-and-Play Image Restoration with Deep Denoiser Prior", IEEE TPAMI 44(10), 2022): `depth` levels, the width
+doubling at each level; residual blocks, strided 2x2 convolutions down, transposed 2x2 convolutions up and additive
+skip connections. Its receptive field grows with 2^levels instead of with the layer count, which matters for strong
+noise and for JPEG blocks. Again blind (no noise-level map) and predicting the residual.
+
+All three are fully convolutional, so any H, W works, and translation-equivariant (on their `downscale` grid) up to
+their receptive field radius (`Restorer.receptive_radius`), which is what makes exact tiled inference possible (see
+`restoration.tiling`).
 """
 
 from __future__ import annotations
@@ -23,23 +30,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ARCHS = ("dncnn", "fast")
+ARCHS = ("dncnn", "fast", "unet")
+UNET_LEVELS = (2, 6)  # fewest and most levels of the "unet" arch
 
 
 @dataclass(frozen=True)
 class RestorerConfig:
-    arch: str = "dncnn"  # "dncnn": full resolution; "fast": FFDNet-style body at half resolution
+    arch: str = "dncnn"  # "dncnn": full resolution; "fast": FFDNet-style body at half resolution; "unet": U-Net
     channels: int = 1  # 1 (gray) or 3 (RGB)
-    depth: int = 17  # number of conv layers; DnCNN-S uses 17, FFDNet 15 (gray) / 12 (colour)
-    width: int = 64  # feature channels of the hidden layers
-    batch_norm: bool = True  # BN in the middle layers (DnCNN); foldable into the convs for inference
+    depth: int = 17  # conv layers (DnCNN-S uses 17, FFDNet 15 gray / 12 colour); for "unet", its levels (2-6)
+    width: int = 64  # feature channels of the hidden layers; for "unet", those of the full-resolution level
+    batch_norm: bool = True  # BN in the middle layers (DnCNN; in the residual blocks of "unet"); foldable
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"RestorerConfig.arch={self.arch!r}: expected one of {', '.join(ARCHS)}")
         if self.channels not in (1, 3):
             raise ValueError(f"RestorerConfig.channels={self.channels!r}: expected 1 (gray) or 3 (RGB)")
-        if not isinstance(self.depth, int) or self.depth < 3:
+        if self.arch == "unet":
+            lo, hi = UNET_LEVELS
+            if not isinstance(self.depth, int) or not lo <= self.depth <= hi:
+                raise ValueError(f"RestorerConfig.depth={self.depth!r}: expected {lo} to {hi} levels for arch 'unet'")
+        elif not isinstance(self.depth, int) or self.depth < 3:
             raise ValueError(f"RestorerConfig.depth={self.depth!r}: expected an int >= 3 (first, middle, last layer)")
         if not isinstance(self.width, int) or self.width < 1:
             raise ValueError(f"RestorerConfig.width={self.width!r}: expected an int >= 1")
@@ -89,24 +101,85 @@ def conv_stack(in_channels: int, out_channels: int, depth: int, width: int, batc
     return nn.Sequential(*blocks)
 
 
-def pad_to_even(x: Tensor) -> Tensor:
-    """Pad the bottom/right of (B, C, H, W) by one reflected row/column where H/W is odd.
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Pad the bottom/right of (B, C, H, W) with reflected rows/columns up to multiples of `multiple`.
 
     Args:
         x: (B, C, H, W).
+        multiple: the grid size, e.g. 2 for a pixel-unshuffle by 2.
     Returns:
-        (B, C, H + H % 2, W + W % 2); `x` itself when both are even.
+        (B, C, H', W') with H', W' the next multiples; `x` itself when H and W are multiples already.
     """
     h, w = x.shape[-2:]
-    if h % 2 == 0 and w % 2 == 0:
+    pad_h, pad_w = -h % multiple, -w % multiple
+    if pad_h == 0 and pad_w == 0:
         return x
-    # Reflection needs at least 2 pixels along the padded axis; a 1-pixel-wide image can only be replicated.
-    mode = "reflect" if min(h, w) > 1 else "replicate"
-    return F.pad(x, (0, w % 2, 0, h % 2), mode=mode)
+    # Reflection needs more pixels than it pads along each axis; a short axis is replicated instead.
+    mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
+def pad_to_even(x: Tensor) -> Tensor:
+    """Pad the bottom/right of (B, C, H, W) by one reflected row/column where H/W is odd (see `pad_to_multiple`)."""
+    return pad_to_multiple(x, 2)
+
+
+class ResBlock(nn.Module):
+    """x + Conv(ReLU(Conv(x))): two 3x3 `ConvBlock`s (BN optional) around an identity skip."""
+
+    def __init__(self, width: int, batch_norm: bool):
+        super().__init__()
+        self.first = ConvBlock(width, width, batch_norm=batch_norm, relu=True)
+        self.second = ConvBlock(width, width, batch_norm=batch_norm, relu=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.second(self.first(x))
+
+
+class UNetBody(nn.Module):
+    """The "unet" body: in_channels -> out_channels at the same resolution, through `levels` scales.
+
+    head 3x3 conv -> per level: residual block, 2x2 stride-2 conv down (width doubles) -> residual block at the
+    bottom -> per level back up: 2x2 stride-2 transposed conv, + the skip of that level, residual block -> tail 3x3
+    conv. H and W must be multiples of 2^(levels-1) (`Restorer` pads to them).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, levels: int, width: int, batch_norm: bool):
+        super().__init__()
+        widths = [width * 2**level for level in range(levels)]
+        self.head = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.encoders = nn.ModuleList(ResBlock(w, batch_norm) for w in widths[:-1])
+        self.downs = nn.ModuleList(nn.Conv2d(w, 2 * w, 2, stride=2) for w in widths[:-1])
+        self.bottom = ResBlock(widths[-1], batch_norm)
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(2 * w, w, 2, stride=2) for w in widths[:-1])
+        self.decoders = nn.ModuleList(ResBlock(w, batch_norm) for w in widths[:-1])
+        self.tail = nn.Conv2d(width, out_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.head(x)
+        skips = []
+        for encode, down in zip(self.encoders, self.downs, strict=True):
+            x = encode(x)
+            skips.append(x)
+            x = down(x)
+        x = self.bottom(x)
+        for up, decode, skip in zip(reversed(self.ups), reversed(self.decoders), reversed(skips), strict=True):
+            x = decode(up(x) + skip)
+        return self.tail(x)
+
+    @staticmethod
+    def receptive_radius(levels: int) -> int:
+        """An upper bound of the one-sided receptive field in input pixels.
+
+        A 3x3 conv at level l reaches 2^l pixels further; so, at most, do a 2x2 stride-2 conv down from level l and a
+        transposed conv up to it. Head and tail: 1 each; level l < levels-1: 2 + 1 convs down and 1 + 2 up; the
+        bottom: 2. Total 2 + 6 (2^(levels-1) - 1) + 2^levels = 2^(levels+2) - 4.
+        """
+        return 2 ** (levels + 2) - 4
 
 
 class Restorer(nn.Module):
-    """Residual restorer: restored = x - body(x), with the body at full ("dncnn") or half ("fast") resolution."""
+    """Residual restorer: restored = x - body(x), the body at full ("dncnn") or half ("fast") resolution, or a U-Net."""
 
     def __init__(self, config: RestorerConfig):
         super().__init__()
@@ -116,25 +189,38 @@ class Restorer(nn.Module):
         c = config.channels
         if config.arch == "dncnn":
             self.body = conv_stack(c, c, config.depth, config.width, config.batch_norm)
-        else:
+        elif config.arch == "fast":
             # Pixel-unshuffle by 2 puts each 2x2 block into channels: C -> 4C, and back on the way out.
             self.body = conv_stack(4 * c, 4 * c, config.depth, config.width, config.batch_norm)
+        else:
+            self.body = UNetBody(c, c, config.depth, config.width, config.batch_norm)
         self._init_weights()
 
     def _init_weights(self) -> None:
         # He et al. 2015 init keeps activation variance through the ReLU stack; the last conv is scaled down so the
-        # untrained model starts close to the identity (residual ~ 0), which Adam trains away from quickly.
+        # untrained model starts close to the identity (residual ~ 0), which Adam trains away from quickly. So is the
+        # last conv of every residual block, which then starts close to the identity too.
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         with torch.no_grad():
-            self.body[-1].conv.weight.mul_(0.1)
+            self.last_conv.weight.mul_(0.1)
+            for m in self.modules():
+                if isinstance(m, ResBlock):
+                    m.second.conv.weight.mul_(0.1)
+
+    @property
+    def last_conv(self) -> nn.Conv2d:
+        """The conv that outputs the predicted residual."""
+        return self.body.tail if self.config.arch == "unet" else self.body[-1].conv
 
     @property
     def downscale(self) -> int:
-        """Resolution factor of the body (1 or 2); tiles must start at multiples of it for exact tiled inference."""
+        """Grid of the body (1, 2, or 2^(levels-1) for "unet"); tiles must start on it for exact tiled inference."""
+        if self.config.arch == "unet":
+            return 2 ** (self.config.depth - 1)
         return 1 if self.config.arch == "dncnn" else 2
 
     @property
@@ -142,9 +228,11 @@ class Restorer(nn.Module):
         """Pixels of context on each side that one output pixel depends on (`depth` 3x3 convs, each adding 1).
 
         For "fast", `depth` half-resolution pixels cover 2*depth full-resolution ones, plus 1 for the position of a
-        pixel inside its 2x2 block.
+        pixel inside its 2x2 block. For "unet", an upper bound (`UNetBody.receptive_radius`).
         """
         d = self.config.depth
+        if self.config.arch == "unet":
+            return UNetBody.receptive_radius(d)
         return d if self.config.arch == "dncnn" else 2 * d + 1
 
     def forward(self, x: Tensor) -> Tensor:
@@ -154,6 +242,8 @@ class Restorer(nn.Module):
         if self.config.arch == "dncnn":
             return x - self.body(x)  # (B, C, H, W)
         h, w = x.shape[-2:]
+        if self.config.arch == "unet":
+            return x - self.body(pad_to_multiple(x, self.downscale))[..., :h, :w]  # (B, C, H, W)
         z = F.pixel_unshuffle(pad_to_even(x), 2)  # (B, 4C, ceil(H/2), ceil(W/2))
         residual = F.pixel_shuffle(self.body(z), 2)  # (B, C, H + H % 2, W + W % 2)
         return x - residual[..., :h, :w]  # (B, C, H, W)
@@ -169,8 +259,9 @@ class Restorer(nn.Module):
         Returns:
             self, modified in place.
         """
-        for block in self.body:
-            block.fold_batch_norm()
+        for block in self.modules():
+            if isinstance(block, ConvBlock):
+                block.fold_batch_norm()
         self.config = dataclasses.replace(self.config, batch_norm=False)
         return self
 
