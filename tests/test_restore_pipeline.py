@@ -153,6 +153,27 @@ def test_bf16_inference_matches_fp32_and_auto_follows_the_hardware(tiny_model):
         use_bf16("half", torch.device("cpu"))
 
 
+@pytest.mark.slow
+def test_compiled_model_matches_eager_on_whole_images_and_tiles(tiny_model):
+    import torch
+
+    from restoration.cli import build_parser, restore_config
+
+    eager = ModelRunner(tiny_model, tile=64, overlap=8, precision="fp32")
+    compiled = ModelRunner(tiny_model, tile=64, overlap=8, precision="fp32", compile=True)
+    assert isinstance(compiled.net, torch._dynamo.eval_frame.OptimizedModule) and compiled.compiled
+    assert (compiled.overlap, compiled.align) == (eager.overlap, eager.align)  # read from the model, not the wrapper
+    rng = np.random.default_rng(0)
+    for shape in [(2, 48, 40, 1), (1, 150, 97, 1)]:  # one whole; one in tiles of several shapes
+        noisy = rng.random(shape, dtype=np.float32)
+        a, b = eager.restore_array(noisy), compiled.restore_array(noisy)
+        assert a.shape == b.shape == shape
+        assert np.abs(a - b).max() < 1e-4, shape  # the same maths, fused differently
+        assert np.abs(a - noisy).max() > 1e-3  # the model did something to compare
+    args = build_parser().parse_args(["restore", "in", "out", "--compile"])
+    assert restore_config(args).compile and not restore_config(build_parser().parse_args(["restore", "i", "o"])).compile
+
+
 # --------------------------------------------------------------------------------------------- end to end
 def test_set12_noise25_restored_by_a_model_trained_in_the_test(s3, ray_cluster, set12, trained_model):
     shards = s3.uri("e2e", "set12")

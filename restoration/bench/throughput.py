@@ -78,6 +78,7 @@ class ThroughputConfig:
     noise: float = 25.0  # sigma (0-255) of the Gaussian noise baked into the input PNGs; 0 keeps the images as they are
     model: str = "denoise-gray"
     batch_size: int = 8  # RestoreConfig's default
+    compile: bool = False  # torch.compile the restorer, in the limit loop and in the pipeline's actors alike
     min_model_seconds: float = 120.0
     shard_mb: float = 4.0
     synth_model: str = "dcgan-fmnist"
@@ -581,7 +582,11 @@ def run_ours(
     from restoration.pipelines.restore import RestoreConfig, read_output, run_restore
 
     restore_config = RestoreConfig(
-        input=staged["shards"], output=out_root, model=config.model, batch_size=config.batch_size
+        input=staged["shards"],
+        output=out_root,
+        model=config.model,
+        batch_size=config.batch_size,
+        compile=config.compile,
     )
     with ResourceSampler(extra=extra_pids) as sampler:
         started_at = time.time()
@@ -682,12 +687,17 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
     workers, use_gpu, threads, actor_cpus = env["resources"]
     # The model the pipeline's actor runs on these (gray) images; building the actor sets this process's threads.
     channels = codec.decode(noisy[0].png).pixels.shape[2]
-    actor = RestoreActor(config.model, threads=threads, precision="auto").runner(channels)
+    actor = RestoreActor(config.model, threads=threads, precision="auto", compile=config.compile).runner(channels)
     batches = limit_batches(actor, noisy, config.batch_size)
     per_batch = max(n for n, _, _ in batches)
 
-    # Calibrate: one warm-up batch, then a few timed ones; raise the count until the model alone needs the minimum.
-    run_limit(actor, batches, per_batch)
+    # Calibrate: warm-up (one batch; with --compile one of every shape, each compiled on its first), then a few timed
+    # batches; raise the count until the model alone needs the minimum.
+    t_warm = time.perf_counter()
+    for shape in dict.fromkeys(x.shape for _, _, x in batches) if config.compile else [None]:
+        warm = [b for b in batches if shape is None or b[2].shape == shape][:1]
+        run_limit(actor, warm, warm[0][0])
+    warm_up_s = time.perf_counter() - t_warm
     calibration = run_limit(actor, batches, CALIBRATION_BATCHES * per_batch)
     count = config.count
     if config.min_model_seconds > 0:
@@ -702,7 +712,13 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
     _reset_peak("self")
     limit = run_limit(actor, batches, count)
     limit["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / _MB
-    limit.update(threads=torch.get_num_threads(), bf16=actor.bf16, memory_format=str(actor.memory_format))
+    limit.update(
+        threads=torch.get_num_threads(),
+        bf16=actor.bf16,
+        memory_format=str(actor.memory_format),
+        compiled=actor.compiled,
+        warm_up_s=warm_up_s,
+    )
     del batches, actor
     if use_gpu:
         torch.cuda.empty_cache()
@@ -1143,7 +1159,7 @@ def format_table(result: dict) -> str:
         lines += [
             f"RESTORE  {restore['model']}: {restore['images']} images, {restore['megapixels']:.1f} MP, "
             f"batch {restore['batch_size']}, {restore['actors']} actor(s) x {restore['actor_threads']} thread(s), "
-            f"{precision}, {'GPU' if restore['gpu'] else 'CPU'}",
+            f"{precision}{', compiled' if limit.get('compiled') else ''}, {'GPU' if restore['gpu'] else 'CPU'}",
             _row("measure", "MP/s", "seconds", "CPU s", "MP/CPU-s", "ratio"),
             _row("limit: raw model loop", limit["mp_per_s"], limit["seconds"], limit["cpu_s"], limit["megapixels"]),
             _row(
@@ -1318,6 +1334,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.min_model_seconds,
         help="repeat images until the raw model alone needs this long (default 120; 0: exactly --count)",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the restorer (limit loop and pipeline alike)"
+    )
     parser.add_argument("--shard-mb", type=float, default=d.shard_mb, help="input shard size (default 4 MiB)")
     parser.add_argument("--synth-model", default=d.synth_model, help=f"generator (default {d.synth_model})")
     parser.add_argument("--synth-count", type=int, default=d.synth_count, help="images to synthesize (default 100000)")
@@ -1347,6 +1366,7 @@ def config_from_args(args: argparse.Namespace) -> ThroughputConfig:
         noise=args.noise,
         model=args.model,
         batch_size=args.batch_size,
+        compile=args.compile,
         min_model_seconds=args.min_model_seconds,
         shard_mb=args.shard_mb,
         synth_model=args.synth_model,

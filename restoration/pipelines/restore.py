@@ -127,6 +127,7 @@ class RestoreConfig:
     gpu: bool | None = None  # None: use GPUs when the cluster has them
     max_pixels: int = codec.DEFAULT_MAX_PIXELS
     precision: str = "auto"  # "auto": bf16 on GPUs and on CPUs with bf16 units (AMX, AVX512-BF16), else fp32
+    compile: bool = False  # torch.compile the model in each actor (see ModelRunner)
 
     def __post_init__(self) -> None:
         if self.degrade:
@@ -245,9 +246,17 @@ def decode_batch(
 
 class ModelRunner:
     """One restorer on its device, run the way the pipeline runs it: batch norm folded, bf16 autocast and channels-last
-    where they pay, images larger than the tile restored tile by tile, channels adapted to the model's."""
+    where they pay, images larger than the tile restored tile by tile, channels adapted to the model's.
 
-    def __init__(self, model: str, tile: int = 512, overlap: int = 32, precision: str = "auto") -> None:
+    With `compile`, the forward pass is `torch.compile`d (TorchInductor): fused, generated kernels instead of one
+    library call per layer. The first batch of each input shape pays for the compilation (tens of seconds on a CPU,
+    a few for every later shape, until shapes are treated as dynamic), so it pays off on long runs. Should the
+    compiler fail (no C++ compiler on the node, say), the model runs as it is.
+    """
+
+    def __init__(
+        self, model: str, tile: int = 512, overlap: int = 32, precision: str = "auto", compile: bool = False
+    ) -> None:
         import torch
 
         from restoration.device import default_device, use_bf16
@@ -263,6 +272,12 @@ class ModelRunner:
         self.bf16 = use_bf16(precision, self.device)
         self.memory_format = torch.channels_last if self.bf16 else torch.contiguous_format
         self.net = net.to(self.device, memory_format=self.memory_format).eval()
+        self.compiled = compile
+        if compile:
+            import torch._dynamo
+
+            torch._dynamo.config.suppress_errors = True  # a compiler failure falls back to eager, not an error row
+            self.net = torch.compile(self.net)
         self.channels = self.loaded.config.channels
         # The overlap is the context each tile sees beyond the part it keeps: at least the receptive radius makes
         # tiled output equal to whole-image output; tiles align to the model's internal downscale.
@@ -320,14 +335,20 @@ class RestoreActor:
     run as one tensor batch. Loads its model(s) once, in `__init__`."""
 
     def __init__(
-        self, model: str, tile: int = 512, overlap: int = 32, threads: int | None = None, precision: str = "auto"
+        self,
+        model: str,
+        tile: int = 512,
+        overlap: int = 32,
+        threads: int | None = None,
+        precision: str = "auto",
+        compile: bool = False,
     ) -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         names = models_by_channels(model)
-        runners = {name: ModelRunner(name, tile, overlap, precision) for name in dict.fromkeys(names.values())}
+        runners = {name: ModelRunner(name, tile, overlap, precision, compile) for name in dict.fromkeys(names.values())}
         self.runners = {c: runners[name] for c, name in names.items()}
 
     def runner(self, channels: int) -> ModelRunner:
@@ -562,6 +583,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
             "overlap": config.overlap,
             "threads": threads,
             "precision": config.precision,
+            "compile": config.compile,
         },
         compute=ray.data.ActorPoolStrategy(size=workers),
         batch_format="pyarrow",
