@@ -121,7 +121,9 @@ def test_stage_pixels_are_the_files_integer_samples_except_a_degraded_input(tiny
     restored = actor(degraded).to_pylist()
     for row, stage in zip(restored, rows, strict=True):
         noisy = stage_pixels(stage["pixels"], 24, 20, 1)
-        np.testing.assert_array_equal(stage_pixels(row["pixels"], 24, 20, 1), actor.restore_array(noisy[None])[0])
+        # Alone or batched with the other image: float32 convolutions may differ in the last bit between batch sizes.
+        alone = actor.restore_array(noisy[None])[0]
+        np.testing.assert_allclose(stage_pixels(row["pixels"], 24, 20, 1), alone, rtol=0, atol=1e-6)
     out = encode_batch(pa.Table.from_pylist(restored, schema=degraded.schema), model="t", model_sha256=None, run_id="r")
     for row, stage, depth, clean in zip(out.to_pylist(), restored, (8, 16), (gray8, gray16), strict=True):
         written = codec.decode(row["image"]).pixels
