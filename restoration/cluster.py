@@ -46,6 +46,29 @@ def init_ray(num_cpus: int | None = None) -> None:
         raise ClusterError(f"cannot connect to the Ray cluster at RAY_ADDRESS={address!r}: {reason}") from e
 
 
+def prioritise_model_actor() -> int:
+    """Run the calling Ray actor's process at niceness 0 where the OS permits it; returns the niceness it runs at.
+    Outside a Ray actor (a driver building a model actor in-process, as the benchmarks do) nothing changes.
+
+    Ray starts its workers at nice 15 (`RAY_worker_niceness`), the driver, raylet and GCS at 0. A model actor is the
+    pipeline's bottleneck by design, and the read, decode and encode tasks around it have slack; at nice 15 the
+    actor yields its core to every one of them that wakes on it. Measured on 2 CPU cores: synthesis wrote 30,000
+    images 8-9 % faster with the generator actor at nice 0. Lowering niceness needs CAP_SYS_NICE (root, in most
+    containers); without it the process keeps Ray's niceness.
+    """
+    import ray
+
+    if not hasattr(os, "getpriority"):  # no POSIX priorities on this platform
+        return 0
+    in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    if in_actor and os.getpriority(os.PRIO_PROCESS, 0) > 0:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        except PermissionError:
+            pass
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
 def actor_resources(workers: int | None, gpu: bool | None) -> tuple[int, bool, int, float]:
     """How to size a pool of model actors on the current cluster.
 

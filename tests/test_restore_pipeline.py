@@ -177,6 +177,35 @@ def test_compiled_model_matches_eager_on_whole_images_and_tiles(tiny_model):
 
 
 # --------------------------------------------------------------------------------------------- end to end
+def test_model_actors_take_niceness_0_from_ray_and_a_driver_keeps_its_own(ray_cluster, tiny_model, gan_file):
+    import os
+
+    from restoration.pipelines.synthesize import GeneratorActor, SynthesizeConfig
+
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0.5)
+    class Probe:  # a Ray actor, like the pipelines' MapWorkers, that builds a model actor inside its process
+        def build(self, kind: str, path: str) -> tuple[int, int]:
+            before = os.getpriority(os.PRIO_PROCESS, 0)
+            if kind == "restore":
+                RestoreActor(path)
+            else:
+                GeneratorActor(SynthesizeConfig(model=path, output="unused", count=1), run_id="r")
+            return before, os.getpriority(os.PRIO_PROCESS, 0)
+
+    may_lower = os.geteuid() == 0  # lowering niceness needs CAP_SYS_NICE
+    for kind, path in (("restore", tiny_model), ("synthesize", gan_file)):
+        probe = Probe.remote()
+        before, after = ray.get(probe.build.remote(kind, path))
+        ray.kill(probe)
+        assert before == 15  # Ray's RAY_worker_niceness
+        assert after == (0 if may_lower else before), kind
+    driver = os.getpriority(os.PRIO_PROCESS, 0)
+    RestoreActor(tiny_model)  # in a driver (the benchmarks do this): its niceness is left alone
+    assert os.getpriority(os.PRIO_PROCESS, 0) == driver
+
+
 def test_set12_noise25_restored_by_a_model_trained_in_the_test(s3, ray_cluster, set12, trained_model):
     shards = s3.uri("e2e", "set12")
     data.ingest(str(set12), shards)

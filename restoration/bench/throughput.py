@@ -1108,12 +1108,12 @@ def observations(result: dict) -> list[str]:
                 f"task(s) (encode_batch is fused into the Parquet write, which waits for min_rows_per_file rows), so "
                 f"restored_at spans {ours['steady_span_s']:.1f} s of encoding, not the run; use more images"
             )
-        driver_nice, worker_nice = res["driver_nice"], res["worker_nice"]
-        if driver_nice is not None and any(n > driver_nice for n in worker_nice):
+        driver_nice, actor_nice = res["driver_nice"], actor.get("nice") if actor else None
+        if driver_nice is not None and actor_nice is not None and actor_nice > driver_nice:
             notes.append(
-                f"restore: Ray runs its workers at nice {', '.join(map(str, worker_nice))} (RAY_worker_niceness), "
-                f"this driver at nice {driver_nice}: on a busy machine the limit and naive loops (in the driver) get "
-                "the CPU before the pipeline's workers do"
+                f"restore: the restore actor ran at nice {actor_nice} (Ray's RAY_worker_niceness; lowering it needs "
+                f"CAP_SYS_NICE), this driver at nice {driver_nice}: on a busy machine the limit and naive loops (in the "
+                "driver) get the CPU before the model does"
             )
         if restore["naive"]["threads"] != restore["actor_threads"]:
             notes.append(

@@ -345,6 +345,9 @@ class RestoreActor:
     ) -> None:
         import torch
 
+        from restoration.cluster import prioritise_model_actor
+
+        prioritise_model_actor()
         if threads:
             torch.set_num_threads(threads)
         names = models_by_channels(model)

@@ -164,8 +164,10 @@ class GeneratorActor:
     def __init__(self, config: SynthesizeConfig, run_id: str, threads: int | None = None) -> None:
         import torch
 
+        from restoration.cluster import prioritise_model_actor
         from restoration.device import default_device
 
+        prioritise_model_actor()
         if threads:
             torch.set_num_threads(threads)
         self.config, self.run_id = config, run_id
