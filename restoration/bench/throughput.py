@@ -693,10 +693,12 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
 
     # Calibrate: warm-up (one batch; with --compile one of every shape, each compiled on its first), then a few timed
     # batches; raise the count until the model alone needs the minimum.
+    first_of_shape: dict[tuple, tuple] = {}
+    for batch in batches:
+        first_of_shape.setdefault(tuple(batch[2].shape), batch)
     t_warm = time.perf_counter()
-    for shape in dict.fromkeys(x.shape for _, _, x in batches) if config.compile else [None]:
-        warm = [b for b in batches if shape is None or b[2].shape == shape][:1]
-        run_limit(actor, warm, warm[0][0])
+    for batch in list(first_of_shape.values()) if config.compile else batches[:1]:
+        run_limit(actor, [batch], batch[0])
     warm_up_s = time.perf_counter() - t_warm
     calibration = run_limit(actor, batches, CALIBRATION_BATCHES * per_batch)
     count = config.count
