@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
+import time
+from collections.abc import Callable
 
 # Passed on to Ray workers so that they reach the same object store as the driver. Secrets (access keys, session
 # tokens) are never forwarded: Ray writes every runtime env into its logs. Workers get them from their own
@@ -70,17 +73,30 @@ def prioritise_model_actor() -> int:
     return os.getpriority(os.PRIO_PROCESS, 0)
 
 
-def actor_resources(workers: int | None, gpu: bool | None) -> tuple[int, bool, int, float]:
-    """How to size a pool of model actors on the current cluster.
+# CPUs reserved by each read, decode and encode task of the pipelines. It must differ from the model actors'
+# reservation (`actor_resources` sees to it): Ray Data fuses neighbouring operators whose reservations are equal, and
+# decode fused into the actor would run on the model's core, in series with the model.
+DATA_TASK_CPUS = 0.25
+
+# Most model actors a CPU pool gets; past it, actors get more torch threads instead. Each actor holds its own copy of
+# the model and of a batch's activations, so actors cost memory that threads do not.
+MAX_CPU_ACTORS = 8
+
+
+def actor_resources(
+    workers: int | None, gpu: bool | None, measure_data_share: Callable[[], float | None] | None = None
+) -> tuple[int, bool, int, float]:
+    """How to size a pool of model actors on the current cluster (see `split_cpus` for the CPU case).
 
     Args:
-        workers: actors wanted, or None for the default (one per GPU; on CPUs, one per 2 cores).
+        workers: actors wanted, or None for the default (one per GPU; on CPUs, from the data share).
         gpu: True/False forces GPUs on/off; None uses them when the cluster has any.
+        measure_data_share: called only when the pool runs on CPUs; returns the fraction of one image's CPU time
+            outside the model (the pipelines measure it on a sample, see `restore.data_share`), or None when it
+            cannot tell.
 
     Returns:
-        (actors, use_gpu, torch_threads, cpus_per_actor). The actors' CPU reservations always leave at least one
-        core to Ray Data's read, decode and encode tasks: actors holding every CPU would starve the reads that feed
-        them, and the job would wait forever.
+        (actors, use_gpu, torch_threads, cpus_per_actor).
     """
     import ray
 
@@ -89,10 +105,70 @@ def actor_resources(workers: int | None, gpu: bool | None) -> tuple[int, bool, i
     use_gpu = gpus > 0 if gpu is None else gpu
     if use_gpu and gpus == 0:
         raise ValueError("--gpu was given but the Ray cluster has no GPUs")
-    cpus = max(1.0, float(resources.get("CPU", 1)))
     if use_gpu:
         return workers or gpus, True, 1, 1.0
-    workers = workers or max(1, int(cpus // 2))
-    threads = max(1, int(cpus // (2 * workers)))
-    reservable = max(cpus - 1.0, cpus / 2)  # keep a core (or half of a tiny cluster) for the data operators
-    return workers, False, threads, min(float(threads), reservable / workers)
+    node_cpus = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    share = measure_data_share() if measure_data_share is not None else None
+    actors, threads, cpus_per_actor = split_cpus(node_cpus or [1.0], workers, share)
+    return actors, False, threads, cpus_per_actor
+
+
+def split_cpus(node_cpus: list[float], workers: int | None, data_share: float | None) -> tuple[int, int, float]:
+    """Split a CPU cluster between model actors and Ray Data's read, decode and encode tasks.
+
+    The actors get the cores the data tasks leave, by how much of an image's CPU time the data side needs
+    (`data_share`): one torch thread per actor up to MAX_CPU_ACTORS actors, more threads per actor past that.
+    Separate single-threaded actors beat one actor with many threads when data tasks share the cores: a data task
+    waking on a core slows one actor, where it would hold up every operator of a many-threaded one. Measured on 2
+    cores with the fp32 `denoise-gray` (data share about 0.02): two single-threaded actors replace one actor beside a
+    mostly idle core, and the pipeline restores twice as fast. With bfloat16 on AMX the model is about 10x cheaper,
+    the data side needs about a quarter of the CPU, and the split stays at one actor beside a core for the data.
+
+    Args:
+        node_cpus: the CPUs of each node.
+        workers: actors wanted, or None to choose.
+        data_share: the data side's fraction of the CPU time, or None for half of it.
+
+    Returns:
+        (actors, torch_threads, cpus_per_actor). The reservations leave a core on every node (half of a 1-CPU node)
+        to the data tasks, assuming the actors spread evenly: Ray Data's file listing reserves a whole CPU (it is not
+        configurable), and actors holding every CPU would starve the reads that feed them, so the job would wait
+        forever. A reservation is a scheduling promise, not a limit: two actors reserving 0.5 CPU each on 2 cores
+        still run one thread each on a core of their own.
+    """
+    cpus, nodes, smallest = float(sum(node_cpus)), len(node_cpus), float(min(node_cpus))
+    share = 0.5 if data_share is None else min(1.0, max(0.0, data_share))
+    model_cores = max(1.0, cpus * (1.0 - share))
+    workers = workers or max(1, min(MAX_CPU_ACTORS, round(model_cores)))
+    threads = max(1, round(model_cores / workers))
+    per_node = math.ceil(workers / nodes)
+    cpus_per_actor = min(float(threads), max(smallest - 1.0, smallest / 2) / per_node)
+    if math.isclose(cpus_per_actor, DATA_TASK_CPUS):  # not fused with the data tasks (see DATA_TASK_CPUS)
+        cpus_per_actor *= 0.96
+    return workers, threads, cpus_per_actor
+
+
+def measure_share(model_step: Callable[[], object], data_steps: Callable[[], object], repeats: int = 2) -> float:
+    """The fraction of CPU time `data_steps` take next to `model_step`, both run on one torch thread in this process.
+
+    Each callable runs once to warm up (allocations, kernel selection), then `repeats` times; the fastest run of each
+    counts. The process's torch thread count is restored afterwards.
+    """
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = []
+        for step in (model_step, data_steps):
+            times = []
+            for i in range(repeats + 1):
+                t0 = time.perf_counter()
+                step()
+                if i:
+                    times.append(time.perf_counter() - t0)
+            best.append(min(times))
+    finally:
+        torch.set_num_threads(saved)
+    model_s, data_s = best
+    return data_s / (model_s + data_s) if model_s + data_s > 0 else 0.5

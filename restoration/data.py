@@ -287,6 +287,26 @@ def count_rows(uri: str) -> int:
     return total
 
 
+def first_row(uri: str, extra_columns: tuple[str, ...] = ()) -> dict | None:
+    """The first row `read_images(uri, extra_columns)` would yield, read here without Ray: {"key", "image", ...}.
+
+    Reads one row group of the first shard (None when it has no rows), or the first image file (its key the path
+    relative to `uri`).
+    """
+    kind, files = input_files(uri)
+    fs, root = storage.resolve(uri)
+    if kind == "parquet":
+        with fs.open_input_file(files[0]) as f:
+            shard = pq.ParquetFile(f)
+            if shard.metadata.num_rows == 0:
+                return None
+            wanted = [c for c in ("key", "image", *extra_columns) if c in shard.schema_arrow.names]
+            return shard.read_row_group(0, columns=wanted).slice(0, 1).to_pylist()[0]
+    base = root if fs.get_file_info(root).type.name == "Directory" else posixpath.dirname(root)
+    with fs.open_input_file(files[0]) as f:
+        return {"key": files[0][len(base) + 1 :], "image": f.read()}
+
+
 def read_images(uri: str, extra_columns: tuple[str, ...] = (), num_cpus: float | None = None):
     """A Ray Dataset of `key`, `image` (encoded bytes) and those of `extra_columns` the input has.
 

@@ -6,6 +6,7 @@ import io
 import json
 import struct
 import zlib
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -364,3 +365,39 @@ def test_restore_cli_summary_and_clear_errors(s3, ray_cluster, tiny_model, tmp_p
     assert "is not a valid model file" in capsys.readouterr().err
     assert main(["restore", str(tmp_path / "nothing"), str(tmp_path / "out"), "--model", tiny_model]) == 2
     assert "input not found" in capsys.readouterr().err
+
+
+def test_every_actor_of_the_pool_restores_batches_of_one_small_shard(s3, ray_cluster, tmp_path):
+    """One shard of small images is one block of hundreds of rows; an actor task takes a whole block, so without the
+    pipeline's repartition into model batches a single actor would restore everything while the others idle."""
+    import time
+
+    from ray.util.state import list_tasks
+
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "small"
+    folder.mkdir()
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (128, 128), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    shards = s3.uri("pool", "shards")
+    data.ingest(str(folder), shards, shard_mb=64)  # all 24 images in one shard
+    assert len(data.shard_files(shards)) == 1
+    started_ms = time.time() * 1000
+    report = run_restore(
+        # The bundled denoiser takes long enough per batch (about 0.1 s here) for both actors to be up before the end.
+        RestoreConfig(input=shards, output=s3.uri("pool", "out"), model="denoise-gray", batch_size=2, workers=2)
+    )
+    assert report.rows_in == report.rows_out == report.ok == 24
+
+    def finished_batches() -> list:  # this run's actor tasks (the state API catches up within seconds)
+        name = "MapWorker(MapBatches(RestoreActor)).submit"
+        tasks = list_tasks(filters=[("name", "=", name)], limit=10_000, detail=True)
+        return [t for t in tasks if t.state == "FINISHED" and (t.start_time_ms or 0) >= started_ms]
+
+    deadline = time.monotonic() + 60
+    while len(batches := finished_batches()) < 12 and time.monotonic() < deadline:
+        time.sleep(1)
+    per_actor = Counter(t.actor_id for t in batches)
+    print(f"restore batches per actor: {sorted(per_actor.values())}")
+    assert sum(per_actor.values()) == 12  # 24 rows in batches of 2 (without the repartition: 1)
+    assert len(per_actor) == 2, per_actor

@@ -1,16 +1,18 @@
 """`restoration bench throughput`: the pipelines against the raw models and a naive script, in one process.
 
 Restore, three ways, same model file and same images:
-- limit: the raw model forward loop over pre-decoded tensors already in memory: BN folded, the pipeline's batch size,
-  and the threads, precision and memory format that `RestoreActor` chooses on this cluster, under
-  `torch.inference_mode()`. Nothing but the model runs, so no pipeline can beat it on the same hardware.
+- limit: the raw model forward loop over pre-decoded tensors already in memory (`ModelRunner.forward`: BN folded,
+  the pipeline's batch size, sliced on CPUs as the actor slices it), with the threads, precision and memory format
+  that `RestoreActor` chooses on this cluster, under `torch.inference_mode()`; one loop per model actor, all at once
+  (threads of this process). Nothing but the model runs, so no pipeline can beat it on the same hardware.
 - ours: the images as input shards on S3 (`data.ingest`), then `run_restore` S3 -> Parquet on S3. End to end includes
   the Ray start-up (timed on its own, before the run); steady state is rows over the span of the output's
   `restored_at` column (when `encode_batch` finished each row), i.e. from the first output row to the last.
 - naive: what a user writes without us: boto3 get_object -> Pillow decode -> torch forward (same model, fp32, BN as
   trained, default torch threads, one image at a time) -> PNG encode -> boto3 put_object, sequentially.
 
-Synthesis: the raw generator loop (same batch, threads and precision as `GeneratorActor`) against `run_synthesize`
+Synthesis: the raw generator loop (same batch, threads and precision as `GeneratorActor`, one loop per actor, all at
+once) against `run_synthesize`
 writing Parquet to S3. Training: a 1-worker Ray Train restorer run against the same loop in plain PyTorch
 (`restorer_core` functions), both timed by the loops themselves, so start-up, data loading, validation and
 checkpoints are left out of both.
@@ -499,27 +501,25 @@ def limit_batches(actor, work: list[WorkImage], batch_size: int) -> list:
     return batches
 
 
-def run_limit(actor, batches: list, images: int) -> dict:
-    """Time the raw forward loop over `images` images, cycling through the pre-built batches.
+def run_limit(actor, batches: list, images: int, streams: int = 1) -> dict:
+    """Time the raw forward loop over `images` images, cycling through the pre-built batches, in `streams` threads
+    at once (one per model actor of the pipeline, each on the torch threads of one actor).
 
     Returns:
-        {"images", "megapixels", "seconds", "cpu_s" (this process's, all threads), "mp_per_s", "images_per_s"}.
+        {"images", "megapixels", "seconds", "cpu_s" (this process's, all threads), "mp_per_s", "images_per_s",
+        "streams"}.
     """
-    import torch
-
-    done, megapixels, i = 0, 0.0, 0
-    with torch.inference_mode(), torch.autocast(actor.device.type, dtype=torch.bfloat16, enabled=actor.bf16):
-        _sync(actor.device)
-        t0, cpu0 = time.perf_counter(), _own_cpu()
-        while done < images:
-            n, mp, x = batches[i % len(batches)]
-            if done + n > images:  # the last batch: only what is left
-                keep = images - done
-                x, mp, n = x[: keep * x.shape[0] // n], mp * keep / n, keep
-            actor.net(x)
-            done, megapixels, i = done + n, megapixels + mp, i + 1
-        _sync(actor.device)
-        seconds, cpu_s = time.perf_counter() - t0, _own_cpu() - cpu0
+    _sync(actor.device)
+    t0, cpu0 = time.perf_counter(), _own_cpu()
+    shares = [images // streams + (k < images % streams) for k in range(streams)]
+    if streams == 1:
+        results = [_limit_loop(actor, batches, shares[0], 0)]
+    else:
+        with ThreadPoolExecutor(streams) as pool:
+            results = list(pool.map(_limit_loop, [actor] * streams, [batches] * streams, shares, range(streams)))
+    _sync(actor.device)
+    seconds, cpu_s = time.perf_counter() - t0, _own_cpu() - cpu0
+    done, megapixels = sum(n for n, _ in results), sum(mp for _, mp in results)
     return {
         "images": done,
         "megapixels": megapixels,
@@ -527,7 +527,24 @@ def run_limit(actor, batches: list, images: int) -> dict:
         "cpu_s": cpu_s,
         "mp_per_s": megapixels / seconds,
         "images_per_s": done / seconds,
+        "streams": streams,
     }
+
+
+def _limit_loop(actor, batches: list, images: int, start: int) -> tuple[int, float]:
+    """One stream of `run_limit`: `images` images from batch `start` on. Returns (images, megapixels)."""
+    import torch
+
+    done, megapixels, i = 0, 0.0, start
+    with torch.inference_mode():  # per thread: each stream enters its own
+        while done < images:
+            n, mp, x = batches[i % len(batches)]
+            if done + n > images:  # the last batch: only what is left
+                keep = images - done
+                x, mp, n = x[: keep * x.shape[0] // n], mp * keep / n, keep
+            actor.forward(x)
+            done, megapixels, i = done + n, megapixels + mp, i + 1
+    return done, megapixels
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
@@ -571,6 +588,14 @@ def _pipeline_cpu(resources: dict) -> float:
     return resources["driver_cpu_s"] + resources["worker_cpu_s"] + sum(resources["other_cpu_s"].values())
 
 
+def _restore_config(config: ThroughputConfig, input_uri: str, out_uri: str):
+    from restoration.pipelines.restore import RestoreConfig
+
+    return RestoreConfig(
+        input=input_uri, output=out_uri, model=config.model, batch_size=config.batch_size, compile=config.compile
+    )
+
+
 def run_ours(
     config: ThroughputConfig, staged: dict, out_root: str, keys: list[str], extra_pids: dict[str, int]
 ) -> dict:
@@ -579,15 +604,9 @@ def run_ours(
     Returns:
         Seconds, MP/s (run and steady state), output checks (every key once, errors) and the sampler's summary.
     """
-    from restoration.pipelines.restore import RestoreConfig, read_output, run_restore
+    from restoration.pipelines.restore import read_output, run_restore
 
-    restore_config = RestoreConfig(
-        input=staged["shards"],
-        output=out_root,
-        model=config.model,
-        batch_size=config.batch_size,
-        compile=config.compile,
-    )
+    restore_config = _restore_config(config, staged["shards"], out_root)
     with ResourceSampler(extra=extra_pids) as sampler:
         started_at = time.time()
         report = run_restore(restore_config)
@@ -681,10 +700,19 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
     """The restore section: limit, ours, naive (and the scale check when asked for)."""
     import torch
 
-    from restoration.pipelines.restore import RestoreActor
+    from restoration.cluster import actor_resources
+    from restoration.pipelines.restore import RestoreActor, data_share
 
     noisy, _, origin = env["work"]
-    workers, use_gpu, threads, actor_cpus = env["resources"]
+    # The pool `run_restore` sizes, from the share of the CPU decode and encode take next to the model on this image.
+    sample = {"key": noisy[0].key, "image": noisy[0].png}
+    shares: list[float | None] = []  # stays empty on GPUs, where the share is not measured
+
+    def measured_share() -> float | None:
+        shares.append(data_share(_restore_config(config, "-", "-"), sample))
+        return shares[-1]
+
+    workers, use_gpu, threads, actor_cpus = actor_resources(None, None, measured_share)
     # The model the pipeline's actor runs on these (gray) images; building the actor sets this process's threads.
     channels = codec.decode(noisy[0].png).pixels.shape[2]
     actor = RestoreActor(config.model, threads=threads, precision="auto", compile=config.compile).runner(channels)
@@ -700,7 +728,7 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
     for batch in list(first_of_shape.values()) if config.compile else batches[:1]:
         run_limit(actor, [batch], batch[0])
     warm_up_s = time.perf_counter() - t_warm
-    calibration = run_limit(actor, batches, CALIBRATION_BATCHES * per_batch)
+    calibration = run_limit(actor, batches, CALIBRATION_BATCHES * per_batch * workers, streams=workers)
     count = config.count
     if config.min_model_seconds > 0:
         count = max(count, math.ceil(config.min_model_seconds * calibration["images_per_s"]))
@@ -712,7 +740,7 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
 
     progress("restore: limit (raw model loop)")
     _reset_peak("self")
-    limit = run_limit(actor, batches, count)
+    limit = run_limit(actor, batches, count, streams=workers)
     limit["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / _MB
     limit.update(
         threads=torch.get_num_threads(),
@@ -749,6 +777,7 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
         "actors": workers,
         "actor_threads": threads,
         "actor_cpus": actor_cpus,
+        "data_share": shares[0] if shares else None,
         "gpu": use_gpu,
         "calibration": calibration,
         "staging": staged,
@@ -813,9 +842,9 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
     """Raw generator loop vs `run_synthesize` to Parquet on S3, images/s."""
     import torch
 
-    from restoration.pipelines.synthesize import GeneratorActor, SynthesizeConfig, run_synthesize
+    from restoration.cluster import actor_resources
+    from restoration.pipelines.synthesize import GeneratorActor, SynthesizeConfig, data_share, run_synthesize
 
-    workers, use_gpu, threads, _ = env["resources"]
     synth_config = SynthesizeConfig(
         model=config.synth_model,
         output=storage.join(env["root"], "synthesis"),
@@ -823,32 +852,52 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
         batch_size=config.synth_batch_size,
         run_id=f"bench-{env['tag']}",
     )
+    shares: list[float | None] = []  # the pool `run_synthesize` sizes; not measured on GPUs
+
+    def measured_share() -> float | None:
+        shares.append(data_share(synth_config))
+        return shares[-1]
+
+    workers, use_gpu, threads, _ = actor_resources(None, None, measured_share)
     actor = GeneratorActor(synth_config, run_id="raw", threads=threads)
     latent_dim = actor.loaded.config.latent_dim
     generator = actor.module.generator if actor.loaded.kind == "dcgan" else actor.module.decode
     z = torch.randn(config.synth_batch_size, latent_dim, generator=torch.Generator().manual_seed(config.seed))
     z = z.to(actor.device, actor.dtype)
+    bf16, device = synth_config.precision == "bf16", actor.device
 
-    progress(f"synthesis: raw generator loop, {config.synth_count} images")
-    bf16 = synth_config.precision == "bf16"
-    with torch.inference_mode(), torch.autocast(actor.device.type, dtype=torch.bfloat16, enabled=bf16):
-        generator(z)  # warm-up
-        _sync(actor.device)
-        t0, cpu0 = time.perf_counter(), _own_cpu()
-        done = 0
-        while done < config.synth_count:
-            n = min(config.synth_batch_size, config.synth_count - done)
-            generator(z[:n])
-            done += n
-        _sync(actor.device)
-        raw_s, raw_cpu = time.perf_counter() - t0, _own_cpu() - cpu0
+    def raw_loop(images: int) -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            done = 0
+            while done < images:
+                n = min(config.synth_batch_size, images - done)
+                generator(z[:n])
+                done += n
+
+    progress(f"synthesis: raw generator loop, {config.synth_count} images, {workers} at once")
+    raw_loop(config.synth_batch_size)  # warm-up
+    _sync(device)
+    t0, cpu0 = time.perf_counter(), _own_cpu()
+    with ThreadPoolExecutor(workers) as pool:  # one loop per actor of the pipeline, each on its threads
+        n = config.synth_count
+        list(pool.map(raw_loop, [n // workers + (k < n % workers) for k in range(workers)]))
+    _sync(device)
+    raw_s, raw_cpu = time.perf_counter() - t0, _own_cpu() - cpu0
+    done = config.synth_count
     del actor
     torch.set_num_threads(env["default_threads"])
 
     progress(f"synthesis: run_synthesize, {config.synth_count} images")
     with ResourceSampler(extra=env["extra_pids"]) as sampler:
         report = run_synthesize(synth_config)
-    raw = {"images": done, "seconds": raw_s, "cpu_s": raw_cpu, "images_per_s": done / raw_s, "threads": threads}
+    raw = {
+        "images": done,
+        "seconds": raw_s,
+        "cpu_s": raw_cpu,
+        "images_per_s": done / raw_s,
+        "threads": threads,
+        "streams": workers,
+    }
     pipeline = {
         "images": report.rows_out - report.errors,
         "errors": report.errors,
@@ -865,6 +914,7 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
         "batch_size": config.synth_batch_size,
         "precision": synth_config.precision,
         "actors": workers,
+        "data_share": shares[0] if shares else None,
         "gpu": use_gpu,
         "raw": raw,
         "pipeline": pipeline,
@@ -1014,7 +1064,7 @@ def benchmark(config: ThroughputConfig, progress: Callable[[str], None] = lambda
     import ray
     import torch
 
-    from restoration.cluster import actor_resources, init_ray
+    from restoration.cluster import init_ray
     from restoration.s3server import EmbeddedS3
 
     t_start = time.perf_counter()
@@ -1044,7 +1094,6 @@ def benchmark(config: ThroughputConfig, progress: Callable[[str], None] = lambda
             "work": work,
             "root": root,
             "tag": tag,
-            "resources": actor_resources(None, None),
             "ray_startup_s": ray_startup_s,
             "default_threads": default_threads,
             "extra_pids": {"s3_server": server._proc.pid} if server is not None and server._proc else {},
@@ -1119,8 +1168,9 @@ def observations(result: dict) -> list[str]:
             )
         if restore["naive"]["threads"] != restore["actor_threads"]:
             notes.append(
-                f"restore: naive runs with {restore['naive']['threads']} torch threads, the actor with "
-                f"{restore['actor_threads']} (actor_resources keeps CPUs for the data operators)"
+                f"restore: naive runs with {restore['naive']['threads']} torch threads, each of the "
+                f"{restore['actors']} actor(s) with {restore['actor_threads']} (actor_resources splits the cores by "
+                f"the measured data share, {_num(restore['data_share'])})"
             )
     if result.get("ray_startup_s") is None:
         notes.append("Ray was already running: end to end numbers exclude Ray's start-up")
@@ -1160,10 +1210,17 @@ def format_table(result: dict) -> str:
         startup_text = f"{startup:.1f} s" if startup else "not measured"
         lines += [
             f"RESTORE  {restore['model']}: {restore['images']} images, {restore['megapixels']:.1f} MP, "
-            f"batch {restore['batch_size']}, {restore['actors']} actor(s) x {restore['actor_threads']} thread(s), "
+            f"batch {restore['batch_size']}, {restore['actors']} actor(s) x {restore['actor_threads']} thread(s) "
+            f"(data share {_num(restore['data_share'])}), "
             f"{precision}{', compiled' if limit.get('compiled') else ''}, {'GPU' if restore['gpu'] else 'CPU'}",
             _row("measure", "MP/s", "seconds", "CPU s", "MP/CPU-s", "ratio"),
-            _row("limit: raw model loop", limit["mp_per_s"], limit["seconds"], limit["cpu_s"], limit["megapixels"]),
+            _row(
+                f"limit: raw model loop, {limit['streams']} at once",
+                limit["mp_per_s"],
+                limit["seconds"],
+                limit["cpu_s"],
+                limit["megapixels"],
+            ),
             _row(
                 "ours: steady state (restored_at span)",
                 ours["steady_mp_per_s"] if ours["steady_valid"] else None,
@@ -1233,9 +1290,16 @@ def format_table(result: dict) -> str:
         raw, pipe = synthesis["raw"], synthesis["pipeline"]
         lines += [
             f"SYNTHESIS  {synthesis['model']}: {raw['images']} images, batch {synthesis['batch_size']}, "
-            f"{synthesis['precision']}, {synthesis['actors']} actor(s) x {raw['threads']} thread(s)",
+            f"{synthesis['precision']}, {synthesis['actors']} actor(s) x {raw['threads']} thread(s) "
+            f"(data share {_num(synthesis['data_share'])})",
             _row("measure", "images/s", "seconds", "CPU s", "images/CPU-s", "ratio"),
-            _row("raw generator loop", raw["images_per_s"], raw["seconds"], raw["cpu_s"], raw["images"]),
+            _row(
+                f"raw generator loop, {raw['streams']} at once",
+                raw["images_per_s"],
+                raw["seconds"],
+                raw["cpu_s"],
+                raw["images"],
+            ),
             _row(
                 "run_synthesize -> Parquet on S3 (Ray up)",
                 pipe["images_per_s"],

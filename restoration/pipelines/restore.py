@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from restoration import codec, data, degrade, metrics, storage
 from restoration.checkpoint import model_label
+from restoration.cluster import DATA_TASK_CPUS
 from restoration.device import PRECISIONS
 
 # Between stages a row carries its pixels as raw bytes (H, W, C) — Arrow binary, no pickling, no copies beyond the one
@@ -86,10 +87,6 @@ OUTPUT_SCHEMA = pa.schema(
         ("model_applied", pa.string()),  # "native", "per-channel" (gray model, colour image), "replicated" (converse)
     ]
 )
-
-# CPUs reserved by each decode and encode task. It must differ from the restore actors' reservation: operators with
-# equal reservations are fused, and decode fused into the actor runs on the model's core, in series with the model.
-DATA_TASK_CPUS = 0.5
 
 # Largest block the pipeline's operators build (Ray Data's default is 128 MiB). Every operator holds a block in and
 # one being built out, so the block size, not the number of images, sets how much memory each worker needs: 128 MiB
@@ -244,6 +241,13 @@ def decode_batch(
     return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
 
 
+# Most pixels one forward pass takes on a CPU; a batch holding more is run in slices. Per pixel, a pass over several
+# hundred thousand pixels is up to twice as slow as one over a 256 x 256 image, because the activations outgrow the
+# caches: on an AVX2 CPU, fp32 `denoise-gray` restored 8 x 256^2 at 0.21 MP/s on one thread and 0.40 on two, against
+# 0.41 and 0.79 for the same images one per pass (and 0.33 / 0.53 for 1 x 512^2). A GPU takes the whole batch.
+CPU_FORWARD_PIXELS = 256 * 256
+
+
 class ModelRunner:
     """One restorer on its device, run the way the pipeline runs it: batch norm folded, bf16 autocast and channels-last
     where they pay, images larger than the tile restored tile by tile, channels adapted to the model's.
@@ -305,14 +309,25 @@ class ModelRunner:
             x = x.expand(n, 3, h, w)
         x = x.to(self.device, memory_format=self.memory_format, non_blocking=True)
         with torch.inference_mode():
-            y = self._run(x)
+            y = self.forward(x)
             if self.channels == 1 and c == 3:
                 y = y.reshape(n, 3, h, w)
             elif self.channels == 3 and c == 1:
                 y = y.mean(dim=1, keepdim=True)
             return y.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
-    def _run(self, x):
+    def forward(self, x):
+        """The model on a (B, C, H, W) batch on its device, in its memory format: tiled when larger than the tile, and
+        on CPUs in slices of at most CPU_FORWARD_PIXELS pixels. Call it under `torch.inference_mode()`."""
+        import torch
+
+        b, _, h, w = x.shape
+        per_pass = max(1, CPU_FORWARD_PIXELS // (h * w)) if self.device.type == "cpu" else b
+        if per_pass >= b:
+            return self._tiled(x)
+        return torch.cat([self._tiled(x[i : i + per_pass]) for i in range(0, b, per_pass)])
+
+    def _tiled(self, x):
         import torch
 
         from restoration.tiling import tiled_apply
@@ -446,6 +461,61 @@ def encode_batch(batch: pa.Table, model: str, model_sha256: str | None, run_id: 
 
 
 # ----------------------------------------------------------------------------------------------------------- runs
+# Side of the crop of the first input image on which `data_share` times the stages.
+SHARE_SAMPLE_SIDE = 256
+
+
+def data_share(config: RestoreConfig, sample: dict | None) -> float | None:
+    """The fraction of an image's CPU time the data operators (decode, degrade, encode, metrics) take next to the
+    model, measured here on one thread with the run's own stage functions: `actor_resources` splits the cores by it.
+
+    Args:
+        sample: an input row ({"key", "image"} and optionally "reference"), e.g. `data.first_row(config.input)`. A
+            central crop of at most SHARE_SAMPLE_SIDE px a side is re-encoded as PNG and timed, so a large photo costs
+            no more than a crop.
+
+    Returns:
+        The share in [0, 1], or None without a sample or when it does not decode (the run reports it as an error row).
+    """
+    from restoration.cluster import measure_share
+
+    if sample is None:
+        return None
+    try:
+        image = codec.decode(sample["image"], max_pixels=config.max_pixels)
+        reference = sample.get("reference")
+        reference = codec.decode(reference, max_pixels=config.max_pixels) if reference is not None else None
+    except codec.DecodeError:
+        return None
+    h, w = image.height, image.width
+    top, left = max(0, (h - SHARE_SAMPLE_SIDE) // 2), max(0, (w - SHARE_SAMPLE_SIDE) // 2)
+    window = np.s_[top : top + SHARE_SAMPLE_SIDE, left : left + SHARE_SAMPLE_SIDE]
+
+    def crop(decoded: codec.Decoded) -> bytes:
+        alpha = decoded.alpha[window] if decoded.alpha is not None else None
+        return codec.encode_png(decoded.pixels[window], alpha=alpha, bit_depth=decoded.bit_depth)
+
+    columns = {"key": [str(sample["key"])], "image": [crop(image)]}
+    if reference is not None and reference.pixels.shape == image.pixels.shape:
+        columns["reference"] = [crop(reference)]
+    batch = pa.table({k: pa.array(v, pa.string() if k == "key" else pa.binary()) for k, v in columns.items()})
+
+    def decode() -> pa.Table:
+        return decode_batch(batch, config.degrade, config.seed, config.max_pixels)
+
+    actor = RestoreActor(config.model, config.tile, config.overlap, precision=config.precision)
+    decoded = decode()
+    restored = actor(decoded)
+    if restored.column("error")[0].as_py() is not None:
+        return None
+
+    def decode_and_encode() -> None:
+        decode()
+        encode_batch(restored, config.model, None, "share")
+
+    return measure_share(lambda: actor(decoded), decode_and_encode, repeats=1)
+
+
 @dataclass
 class RestoreReport:
     run_id: str
@@ -554,7 +624,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     storage.ensure_bucket(config.output)
 
     init_ray()
-    ds = data.read_images(config.input, extra_columns=("reference",))
+    ds = data.read_images(config.input, extra_columns=("reference",), num_cpus=DATA_TASK_CPUS)
     ds.context.target_max_block_size = BLOCK_BYTES  # this run's own copy of the context
     rows_in = data.count_rows(config.input)  # from the Parquet footers: ds.count() would run the read once more
 
@@ -570,7 +640,9 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     if done:
         done_ref = ray.put(done)
         ds = ds.filter(lambda row, d=done_ref: row["key"] not in ray.get(d))  # noqa: B008
-    workers, use_gpu, threads, actor_cpus = actor_resources(config.workers, config.gpu)
+    workers, use_gpu, threads, actor_cpus = actor_resources(
+        config.workers, config.gpu, lambda: data_share(config, data.first_row(config.input, ("reference",)))
+    )
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"degradation": config.degrade, "seed": config.seed, "max_pixels": config.max_pixels},
@@ -578,6 +650,9 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         batch_size=config.batch_size,
         num_cpus=DATA_TASK_CPUS,  # unlike the actors' reservation, so Ray Data does not fuse decode into the actor
     )
+    # One model batch per block: an actor task takes a whole block, and blocks of BLOCK_BYTES hold hundreds of small
+    # images, so a few blocks would leave all but one or two actors of the pool idle.
+    ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     ds = ds.map_batches(
         RestoreActor,
         fn_constructor_kwargs={

@@ -31,8 +31,8 @@ from PIL import Image
 
 from restoration import codec, degrade, storage
 from restoration.checkpoint import ModelFileError, load_named, model_label
+from restoration.cluster import DATA_TASK_CPUS
 from restoration.pipelines.restore import (
-    DATA_TASK_CPUS,
     default_run_id,
     phase_seconds,
     read_output,
@@ -283,6 +283,20 @@ def encode_images(batch: pa.Table) -> pa.Table:
     return pa.table([columns[name] for name in OUTPUT_SCHEMA.names], schema=OUTPUT_SCHEMA)
 
 
+def data_share(config: SynthesizeConfig) -> float | None:
+    """In sample mode, the fraction of an image's CPU time PNG encoding takes next to the generator, measured here on
+    one thread on a batch of `config.batch_size` (`actor_resources` splits the cores by it); None in the other modes,
+    whose inputs are decoded inside the actor."""
+    from restoration.cluster import measure_share
+
+    if config.mode != "sample":
+        return None
+    actor = GeneratorActor(config, run_id="share")
+    items = pa.table({"index": pa.array(range(config.batch_size), pa.int64())})
+    pixels = actor(items)
+    return measure_share(lambda: actor(items), lambda: encode_images(pixels), repeats=1)
+
+
 # ----------------------------------------------------------------------------------------------------------- runs
 @dataclass
 class SynthesizeReport:
@@ -386,7 +400,7 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
     remove_tree(staging)
 
     init_ray()
-    workers, use_gpu, threads, actor_cpus = actor_resources(config.workers, config.gpu)
+    workers, use_gpu, threads, actor_cpus = actor_resources(config.workers, config.gpu, lambda: data_share(config))
     if config.mode == "sample":
         requested = config.count
         ds = ray.data.range(config.count, override_num_blocks=max(1, min(1000, config.count // 4096 + workers)))

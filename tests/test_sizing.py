@@ -1,0 +1,118 @@
+"""How the pipelines size their model actors: the CPU split, the data share it is measured from, and the CPU slices
+of a model batch."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from restoration import data
+from restoration.checkpoint import save_model
+from restoration.cluster import DATA_TASK_CPUS, MAX_CPU_ACTORS, split_cpus
+from restoration.models.restorer import Restorer, RestorerConfig
+from restoration.pipelines import restore, synthesize
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("nodes", "workers", "share", "expected"),
+    [
+        ([2.0], None, None, (1, 1, 1.0)),  # unmeasured: half the CPU to the data side, a core for the data tasks
+        ([2.0], None, 0.02, (2, 1, 0.5)),  # an fp32 model on 2 cores: an actor per core, reservations leave a core
+        ([2.0], None, 0.27, (1, 1, 1.0)),  # a cheap (bf16) model: the data side needs a core of its own
+        ([1.0], None, 0.02, (1, 1, 0.5)),  # one core: half of it stays unreserved
+        ([3.0, 3.0], 2, 0.02, (2, 3, 2.0)),  # 2 actors asked for on two 3-CPU nodes: 3 threads, a core free per node
+        ([16.0, 16.0], None, 0.02, (MAX_CPU_ACTORS, 4, 3.75)),  # past MAX_CPU_ACTORS, threads; 4 actors fit a node
+        ([4.0], 4, None, (4, 1, 0.75)),
+    ],
+)
+def test_split_cpus(nodes, workers, share, expected):
+    assert split_cpus(nodes, workers, share) == pytest.approx(expected)
+
+
+def test_split_cpus_never_reserves_what_a_data_task_reserves():
+    """Equal reservations would let Ray Data fuse decode into the model actor, in series with the model."""
+    actors, threads, cpus_per_actor = split_cpus([2.0], 4, None)
+    assert (actors, threads) == (4, 1)
+    assert cpus_per_actor != DATA_TASK_CPUS and cpus_per_actor == pytest.approx(DATA_TASK_CPUS, rel=0.05)
+    assert actors * cpus_per_actor <= 2.0 - 1.0
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A folder of two gray PNGs, the first larger than the share's crop, and a model file 100x cheaper than the
+    bundled denoiser."""
+    folder = tmp_path_factory.mktemp("share")
+    camera = skimage.data.camera()  # 512 x 512 uint8
+    (folder / "a.png").write_bytes(png(camera[:300, :400]))
+    (folder / "b.png").write_bytes(png(camera[300:, 400:]))
+    tiny = folder.parent / "tiny.pt"
+    model = Restorer(RestorerConfig(depth=3, width=4, batch_norm=False))
+    save_model(tiny, "restorer", model.config, model)
+    return folder, str(tiny)
+
+
+def test_first_row_is_the_first_input_read_without_ray(photos, tmp_path):
+    folder, _ = photos
+    row = data.first_row(str(folder))
+    assert row == {"key": "a.png", "image": (folder / "a.png").read_bytes()}
+    shards = tmp_path / "shards"
+    data.ingest(str(folder), str(shards), executor="local")
+    row = data.first_row(str(shards), ("reference", "no_such_column"))
+    assert row["key"] in ("a.png", "b.png") and row["image"] == (folder / row["key"]).read_bytes()
+    assert set(row) <= {"key", "image", "reference"}
+
+
+def test_data_share_is_measured_with_the_runs_own_stages(photos):
+    folder, tiny = photos
+    sample = data.first_row(str(folder))
+
+    def share(model: str, degrade: str | None = None) -> float | None:
+        return restore.data_share(restore.RestoreConfig(input="-", output="-", model=model, degrade=degrade), sample)
+
+    bundled = share("denoise-gray")
+    cheap = share(tiny)
+    degraded = share("denoise-gray", "noise:25")  # degrading, PSNR and SSIM against the reference are data work
+    print(f"data share: denoise-gray {bundled:.4f}, degraded {degraded:.4f}; a 3-layer model {cheap:.4f}")
+    assert 0.0 < bundled < 0.5  # the bundled denoiser costs more than decoding and encoding its image
+    assert cheap > 2 * bundled  # the same data work next to a far cheaper model is a far larger share
+    assert degraded > bundled
+    assert (
+        restore.data_share(restore.RestoreConfig(input="-", output="-", model=tiny), {**sample, "image": b"<html>"})
+        is None
+    )
+    assert restore.data_share(restore.RestoreConfig(input="-", output="-", model=tiny), None) is None
+
+
+def test_synthesis_data_share_in_sample_mode_only(gan_file):
+    share = synthesize.data_share(synthesize.SynthesizeConfig(model=gan_file, output="-", count=10, batch_size=16))
+    assert 0.0 < share < 1.0
+    reconstruct = synthesize.SynthesizeConfig(model=gan_file, output="-", count=10, mode="reconstruct", inputs="-")
+    assert synthesize.data_share(reconstruct) is None
+
+
+def test_model_runner_slices_cpu_batches_to_the_pixel_budget_and_matches_the_whole_batch(photos):
+    _, tiny = photos
+    runner = restore.ModelRunner(tiny)
+    calls = []
+    runner.net.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    side = int(restore.CPU_FORWARD_PIXELS**0.5)
+    for shape, passes in (((5, 1, side, side), 5), ((6, 1, side // 2, side // 2), 2), ((3, 1, 40, 40), 1)):
+        x = torch.rand(shape)
+        calls.clear()
+        with torch.inference_mode():
+            got = runner.forward(x)
+            whole = runner.net(x)
+        assert len(calls) == passes + 1, shape  # + 1: the whole-batch reference pass
+        assert all(c[0] * c[2] * c[3] <= max(restore.CPU_FORWARD_PIXELS, c[2] * c[3]) for c in calls[:-1])
+        torch.testing.assert_close(got, whole, atol=1e-5, rtol=0)
