@@ -116,3 +116,14 @@ def test_model_runner_slices_cpu_batches_to_the_pixel_budget_and_matches_the_who
         assert len(calls) == passes + 1, shape  # + 1: the whole-batch reference pass
         assert all(c[0] * c[2] * c[3] <= max(restore.CPU_FORWARD_PIXELS, c[2] * c[3]) for c in calls[:-1])
         torch.testing.assert_close(got, whole, atol=1e-5, rtol=0)
+
+
+def test_the_data_stages_import_without_torch():
+    """Every Ray worker that runs a decode, encode or write task imports the pipeline module; with torch in its imports
+    each of them paid about 1.5 CPU seconds and 200 MB for it, which on 2 cores was most of the pipeline's fill."""
+    import subprocess
+    import sys
+
+    code = "import sys, restoration.pipelines.restore, restoration.pipelines.synthesize; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

@@ -37,9 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from restoration import codec, data, degrade, metrics, storage
-from restoration.checkpoint import model_label
 from restoration.cluster import DATA_TASK_CPUS
-from restoration.device import PRECISIONS
 
 # Between stages a row carries its pixels as raw bytes (H, W, C) — Arrow binary, no pickling, no copies beyond the one
 # into the numpy view: integer samples at the image's bit depth (uint8, or uint16 for 16-bit images) for a decoded
@@ -129,6 +127,8 @@ class RestoreConfig:
     def __post_init__(self) -> None:
         if self.degrade:
             degrade.parse_spec(self.degrade)  # fail before any work on a bad spec
+        from restoration.device import PRECISIONS
+
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("batch_size", "tile"):
@@ -263,6 +263,7 @@ class ModelRunner:
     ) -> None:
         import torch
 
+        from restoration.checkpoint import model_label
         from restoration.device import default_device, use_bf16
 
         self.loaded = load_restorer(model)
@@ -669,6 +670,8 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         num_cpus=actor_cpus,
         num_gpus=1 if use_gpu else 0,
     )
+    from restoration.checkpoint import model_label
+
     model_name = config.model if config.model in MODEL_FAMILIES else model_label(config.model)
     ds = ds.map_batches(
         encode_batch,

@@ -30,7 +30,6 @@ import pyarrow.dataset as pads
 from PIL import Image
 
 from restoration import codec, degrade, storage
-from restoration.checkpoint import ModelFileError, load_named, model_label
 from restoration.cluster import DATA_TASK_CPUS
 from restoration.pipelines.restore import (
     default_run_id,
@@ -121,6 +120,8 @@ class SynthesizeConfig:
 
 def load_generator(name_or_path: str, mode: str):
     """Load a dcgan or vae model file; interpolate/reconstruct need a VAE."""
+    from restoration.checkpoint import ModelFileError, load_named
+
     loaded = load_named(name_or_path)
     if loaded.kind not in ("dcgan", "vae"):
         raise ModelFileError(f"{name_or_path} holds a {loaded.kind} model, expected a dcgan or vae for synthesis")
@@ -164,6 +165,7 @@ class GeneratorActor:
     def __init__(self, config: SynthesizeConfig, run_id: str, threads: int | None = None) -> None:
         import torch
 
+        from restoration.checkpoint import model_label
         from restoration.cluster import prioritise_model_actor
         from restoration.device import default_device
 
@@ -374,6 +376,7 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
     """
     import ray
 
+    from restoration.checkpoint import model_label
     from restoration.cluster import actor_resources, init_ray
 
     t0 = time.perf_counter()
