@@ -144,6 +144,9 @@ def test_tiny_benchmark_end_to_end(s3, ray_cluster, tmp_path):
     ]
     assert all(math.isfinite(v) and v > 0 for v in numbers), numbers
     assert restore["images"] == 16 and restore["ours"]["workers"] >= 1
+    # A steady state the report calls valid never outruns the raw model.
+    ours = restore["ours"]
+    assert not ours["steady_valid"] or ours["steady_mp_per_s"] <= throughput.STEADY_SLACK * restore["limit"]["mp_per_s"]
     assert result["ray_startup_s"] is None and not result["ray_started_here"]  # the session's Ray was reused
     # The actor's process was found and sampled (it exits when the dataset is done).
     roles = [r for w in restore["ours"]["resources"]["top_workers"] for r in w["roles"]]

@@ -63,6 +63,8 @@ DEFAULT_DATASETS = REPO.parent / "shared" / "datasets"
 SECTIONS = ("restore", "synthesis", "training")
 MIXED_SIZES = (180, 256, 512)  # Train400's size, Set12's two sizes
 CALIBRATION_BATCHES = 2  # timed batches (after one warm-up batch) that size the run for --min-model-seconds
+# A steady state more than this factor above the limit is a measuring artefact, not a rate (see bench_restore).
+STEADY_SLACK = 1.05
 MIN_WRITE_TASKS = 3  # fewer output files than this and `restored_at` spans the encoding of one bundle, not the run
 SAMPLE_INTERVAL_S = 0.5
 _MB = 2**20
@@ -762,6 +764,10 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
     startup = env["ray_startup_s"]
     ours["end_to_end_s"] = ours["seconds"] + (startup or 0.0)
     ours["end_to_end_mp_per_s"] = ours["megapixels"] / ours["end_to_end_s"]
+    # No pipeline outruns the raw model: a span faster than the limit holds rows restored before it began (the first
+    # write task's bundle, restored while the pipeline filled, is encoded inside the span).
+    ours["steady_over_limit"] = ours["steady_valid"] and ours["steady_mp_per_s"] > STEADY_SLACK * limit["mp_per_s"]
+    ours["steady_valid"] = ours["steady_valid"] and not ours["steady_over_limit"]
 
     progress(f"restore: naive (sequential, {env['default_threads']} torch threads)")
     naive = run_naive(config.model, staged["raw"], storage.join(root, "naive"), keys, env["default_threads"])
@@ -1153,7 +1159,13 @@ def observations(result: dict) -> list[str]:
                 f"{res['our_busy_cores']:.2f} of them this benchmark (driver, Ray workers, S3 server); the rest is "
                 "other load"
             )
-        if not ours["steady_valid"]:
+        if ours.get("steady_over_limit"):
+            notes.append(
+                f"restore: steady state is not meaningful here: the restored_at span gives "
+                f"{ours['steady_mp_per_s']:.3g} MP/s, faster than the limit; the write tasks wait for min_rows_per_file "
+                "rows, so rows restored while the pipeline filled are encoded inside the span; use more images"
+            )
+        elif not ours["steady_valid"]:
             notes.append(
                 f"restore: steady state is not meaningful here: the output came from {ours['output_files']} write "
                 f"task(s) (encode_batch is fused into the Parquet write, which waits for min_rows_per_file rows), so "
