@@ -148,11 +148,12 @@ def split_cpus(node_cpus: list[float], workers: int | None, data_share: float | 
     return workers, threads, cpus_per_actor
 
 
-def measure_share(model_step: Callable[[], object], data_steps: Callable[[], object], repeats: int = 2) -> float:
+def measure_share(model_step: Callable[[], object], data_steps: Callable[[], object], repeats: int = 1) -> float:
     """The fraction of CPU time `data_steps` take next to `model_step`, both run on one torch thread in this process.
 
-    Each callable runs once to warm up (allocations, kernel selection), then `repeats` times; the fastest run of each
-    counts. The process's torch thread count is restored afterwards.
+    Each callable runs `repeats` times and its fastest run counts; callers run both once beforehand (as they do to
+    build the steps' inputs), so allocations and kernel selection are not timed. The process's torch thread count is
+    restored afterwards.
     """
     import torch
 
@@ -162,11 +163,10 @@ def measure_share(model_step: Callable[[], object], data_steps: Callable[[], obj
         best = []
         for step in (model_step, data_steps):
             times = []
-            for i in range(repeats + 1):
+            for _ in range(repeats):
                 t0 = time.perf_counter()
                 step()
-                if i:
-                    times.append(time.perf_counter() - t0)
+                times.append(time.perf_counter() - t0)
             best.append(min(times))
     finally:
         torch.set_num_threads(saved)

@@ -287,6 +287,11 @@ def count_rows(uri: str) -> int:
     return total
 
 
+def _key_base(fs, root: str) -> str:
+    """The folder that image keys are relative to: `root` itself, or the folder of a single image file."""
+    return root if fs.get_file_info(root).type.name == "Directory" else posixpath.dirname(root)
+
+
 def first_row(uri: str, extra_columns: tuple[str, ...] = ()) -> dict | None:
     """The first row `read_images(uri, extra_columns)` would yield, read here without Ray: {"key", "image", ...}.
 
@@ -302,7 +307,7 @@ def first_row(uri: str, extra_columns: tuple[str, ...] = ()) -> dict | None:
                 return None
             wanted = [c for c in ("key", "image", *extra_columns) if c in shard.schema_arrow.names]
             return shard.read_row_group(0, columns=wanted).slice(0, 1).to_pylist()[0]
-    base = root if fs.get_file_info(root).type.name == "Directory" else posixpath.dirname(root)
+    base = _key_base(fs, root)
     with fs.open_input_file(files[0]) as f:
         return {"key": files[0][len(base) + 1 :], "image": f.read()}
 
@@ -329,7 +334,7 @@ def read_images(uri: str, extra_columns: tuple[str, ...] = (), num_cpus: float |
         if missing:
             raise storage.StorageError(f"{uri}: Parquet input lacks column(s) {', '.join(missing)}; has {names}")
         return ds.select_columns(["key", "image", *(c for c in extra_columns if c in names)])
-    base = root if fs.get_file_info(root).type.name == "Directory" else posixpath.dirname(root)
+    base = _key_base(fs, root)
     ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True, **remote)
     return ds.map_batches(
         lambda t: pa.table({"key": pc.utf8_slice_codeunits(t["path"], len(base) + 1), "image": t["bytes"]}),

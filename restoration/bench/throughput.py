@@ -513,12 +513,9 @@ def run_limit(actor, batches: list, images: int, streams: int = 1) -> dict:
     """
     _sync(actor.device)
     t0, cpu0 = time.perf_counter(), _own_cpu()
-    shares = [images // streams + (k < images % streams) for k in range(streams)]
-    if streams == 1:
-        results = [_limit_loop(actor, batches, shares[0], 0)]
-    else:
-        with ThreadPoolExecutor(streams) as pool:
-            results = list(pool.map(_limit_loop, [actor] * streams, [batches] * streams, shares, range(streams)))
+    with ThreadPoolExecutor(streams) as pool:
+        loops = [pool.submit(_limit_loop, actor, batches, n, k) for k, n in enumerate(_split(images, streams))]
+        results = [loop.result() for loop in loops]
     _sync(actor.device)
     seconds, cpu_s = time.perf_counter() - t0, _own_cpu() - cpu0
     done, megapixels = sum(n for n, _ in results), sum(mp for _, mp in results)
@@ -531,6 +528,25 @@ def run_limit(actor, batches: list, images: int, streams: int = 1) -> dict:
         "images_per_s": done / seconds,
         "streams": streams,
     }
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """`total` items in `parts` shares as equal as can be."""
+    return [total // parts + (k < total % parts) for k in range(parts)]
+
+
+def _sized_pool(measure_share: Callable[[], float | None]) -> tuple[tuple[int, bool, int, float], float | None]:
+    """`actor_resources` for a pipeline's default pool, with the data share it measured (None on GPUs, where it is
+    not measured, or when the sample gave none)."""
+    from restoration.cluster import actor_resources
+
+    shares = []
+
+    def measured() -> float | None:
+        shares.append(measure_share())
+        return shares[-1]
+
+    return actor_resources(None, None, measured), (shares[0] if shares else None)
 
 
 def _limit_loop(actor, batches: list, images: int, start: int) -> tuple[int, float]:
@@ -702,19 +718,14 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
     """The restore section: limit, ours, naive (and the scale check when asked for)."""
     import torch
 
-    from restoration.cluster import actor_resources
     from restoration.pipelines.restore import RestoreActor, data_share
 
     noisy, _, origin = env["work"]
     # The pool `run_restore` sizes, from the share of the CPU decode and encode take next to the model on this image.
     sample = {"key": noisy[0].key, "image": noisy[0].png}
-    shares: list[float | None] = []  # stays empty on GPUs, where the share is not measured
-
-    def measured_share() -> float | None:
-        shares.append(data_share(_restore_config(config, "-", "-"), sample))
-        return shares[-1]
-
-    workers, use_gpu, threads, actor_cpus = actor_resources(None, None, measured_share)
+    (workers, use_gpu, threads, actor_cpus), share = _sized_pool(
+        lambda: data_share(_restore_config(config, "-", "-"), sample)
+    )
     # The model the pipeline's actor runs on these (gray) images; building the actor sets this process's threads.
     channels = codec.decode(noisy[0].png).pixels.shape[2]
     actor = RestoreActor(config.model, threads=threads, precision="auto", compile=config.compile).runner(channels)
@@ -783,7 +794,7 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
         "actors": workers,
         "actor_threads": threads,
         "actor_cpus": actor_cpus,
-        "data_share": shares[0] if shares else None,
+        "data_share": share,
         "gpu": use_gpu,
         "calibration": calibration,
         "staging": staged,
@@ -848,7 +859,6 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
     """Raw generator loop vs `run_synthesize` to Parquet on S3, images/s."""
     import torch
 
-    from restoration.cluster import actor_resources
     from restoration.pipelines.synthesize import GeneratorActor, SynthesizeConfig, data_share, run_synthesize
 
     synth_config = SynthesizeConfig(
@@ -858,13 +868,7 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
         batch_size=config.synth_batch_size,
         run_id=f"bench-{env['tag']}",
     )
-    shares: list[float | None] = []  # the pool `run_synthesize` sizes; not measured on GPUs
-
-    def measured_share() -> float | None:
-        shares.append(data_share(synth_config))
-        return shares[-1]
-
-    workers, use_gpu, threads, _ = actor_resources(None, None, measured_share)
+    (workers, use_gpu, threads, _), share = _sized_pool(lambda: data_share(synth_config))  # as run_synthesize
     actor = GeneratorActor(synth_config, run_id="raw", threads=threads)
     latent_dim = actor.loaded.config.latent_dim
     generator = actor.module.generator if actor.loaded.kind == "dcgan" else actor.module.decode
@@ -885,8 +889,7 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
     _sync(device)
     t0, cpu0 = time.perf_counter(), _own_cpu()
     with ThreadPoolExecutor(workers) as pool:  # one loop per actor of the pipeline, each on its threads
-        n = config.synth_count
-        list(pool.map(raw_loop, [n // workers + (k < n % workers) for k in range(workers)]))
+        list(pool.map(raw_loop, _split(config.synth_count, workers)))
     _sync(device)
     raw_s, raw_cpu = time.perf_counter() - t0, _own_cpu() - cpu0
     done = config.synth_count
@@ -920,7 +923,7 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
         "batch_size": config.synth_batch_size,
         "precision": synth_config.precision,
         "actors": workers,
-        "data_share": shares[0] if shares else None,
+        "data_share": share,
         "gpu": use_gpu,
         "raw": raw,
         "pipeline": pipeline,
