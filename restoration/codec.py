@@ -61,7 +61,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS: int = 100_000_000  # ~100 megapixels: 1.2 GB as float32 RGB, about the most one task should hold
 
 _MAX_REASON = 200  # DecodeError reasons are one line of fewer characters than this
-_IDAT_CHUNK = 1 << 20  # split the 16-bit writer's zlib stream into 1 MiB IDAT chunks, as common writers do
+_IDAT_CHUNK = 1 << 20  # split the PNG writer's zlib stream into 1 MiB IDAT chunks, as common writers do
 
 # File signatures, to name the format in errors about files Pillow cannot even identify.
 _MAGIC = (
@@ -84,7 +84,7 @@ _OUT_MODES = {
     8: {(1, False): "L", (1, True): "LA", (3, False): "RGB", (3, True): "RGBA"},
     16: {(1, False): "I;16", (1, True): "LA;16", (3, False): "RGB;16", (3, True): "RGBA;16"},
 }
-_PNG_COLOR_TYPE = {2: 4, 3: 2, 4: 6}  # samples per pixel -> PNG colour type (gray+alpha, RGB, RGBA)
+_PNG_COLOR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # samples per pixel -> PNG colour type (gray, gray+alpha, RGB, RGBA)
 
 
 class DecodeError(ValueError):
@@ -261,13 +261,7 @@ def encode_png(
             )
         samples = np.concatenate([samples, _alpha_at_depth(alpha, bit_depth)[:, :, None]], axis=2)
 
-    if bit_depth == 16 and samples.shape[2] > 1:
-        return _png16(samples, int(compress_level))
-    # uint8 (H, W) -> L, (H, W, 2) -> LA, (H, W, 3) -> RGB, (H, W, 4) -> RGBA; uint16 (H, W) -> I;16.
-    image = Image.fromarray(samples[:, :, 0] if samples.shape[2] == 1 else samples)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=int(compress_level))
-    return buf.getvalue()
+    return _png(samples, int(compress_level))
 
 
 # -- opening ------------------------------------------------------------------------------------------------------
@@ -450,18 +444,23 @@ def _alpha_at_depth(alpha: np.ndarray, bit_depth: int) -> np.ndarray:
     return alpha
 
 
-def _png16(samples: np.ndarray, compress_level: int) -> bytes:
-    """(H, W, S) uint16 with S in {2, 3, 4} -> 16-bit PNG (colour type 4, 2 or 6), one filter "Up" on every row."""
+def _png(samples: np.ndarray, compress_level: int) -> bytes:
+    """(H, W, S) uint8 or uint16 with S in 1..4 -> PNG of that depth (colour type 0, 4, 2 or 6), filter "Up" on every
+    row. Pillow writes 8-bit and 16-bit gray too, but this is about 2x faster at every size (48 vs 119 us for 28x28,
+    1.5 vs 3.4 ms for 256x256 gray) for files about 2% larger than its adaptive filters make; Pillow cannot write
+    16-bit colour at all."""
     height, width, spp = samples.shape
-    rows = samples.astype(">u2").reshape(height, width * spp).view(np.uint8)  # (H, 2*W*S) big-endian bytes
+    bit_depth = 16 if samples.dtype == np.uint16 else 8
+    rows = samples.astype(">u2") if bit_depth == 16 else np.ascontiguousarray(samples)
+    rows = rows.reshape(height, -1).view(np.uint8)  # (H, W*S*bytes) big-endian bytes
     # Filter type 2 ("Up"): Filt(x) = Orig(x) - Orig(b) mod 256, b the byte above; the row above row 0 is zeros.
     filtered = np.empty((height, rows.shape[1] + 1), np.uint8)
     filtered[:, 0] = 2
     filtered[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 arithmetic wraps, i.e. mod 256
     stream = zlib.compress(filtered.reshape(-1), compress_level)
-    # IHDR: width, height, bit depth 16, colour type, compression 0, filter method 0, no interlace.
-    ihdr = struct.pack(">IIBBBBB", width, height, 16, _PNG_COLOR_TYPE[spp], 0, 0, 0)
+    # IHDR: width, height, bit depth, colour type, compression 0, filter method 0, no interlace.
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, _PNG_COLOR_TYPE[spp], 0, 0, 0)
     parts = [b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", ihdr)]
     parts += [_chunk(b"IDAT", stream[i : i + _IDAT_CHUNK]) for i in range(0, len(stream), _IDAT_CHUNK)]
     parts.append(_chunk(b"IEND", b""))
