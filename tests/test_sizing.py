@@ -127,3 +127,21 @@ def test_the_data_stages_import_without_torch():
     code = "import sys, restoration.pipelines.restore, restoration.pipelines.synthesize; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("count", "batch", "size", "workers", "expected"),
+    [
+        (100_000, 64, 28, 2, 1024),  # TASK_PIXELS of 28x28 images, in 16 generator batches
+        (100_000, 64, 64, 2, 192),  # bigger images: fewer per task, still whole batches
+        (100_000, 2048, 28, 2, 2048),  # never less than one generator batch
+        (1_000, 64, 28, 2, 128),  # a small run still gives each of 2 actors 4 tasks
+        (60, 7, 28, 1, 21),
+    ],
+)
+def test_sample_tasks_are_whole_generator_batches_near_the_pixel_budget(count, batch, size, workers, expected):
+    config = synthesize.SynthesizeConfig(model="unused", output="unused", count=count, batch_size=batch)
+    rows = synthesize.task_rows(config, size, workers)
+    assert rows == expected
+    assert rows % batch == 0
+    assert rows * size * size <= max(synthesize.TASK_PIXELS, batch * size * size)
