@@ -87,15 +87,19 @@ def test_limit_runs_exactly_the_asked_images_over_shape_groups(tiny_model):
     assert result["mp_per_s"] == pytest.approx(result["megapixels"] / result["seconds"])
 
 
-def test_encode_batch_stamps_when_each_row_was_finished(tiny_model):
-    gray = [np.random.default_rng(i).integers(0, 255, (20, 20), dtype=np.uint8) for i in range(3)]
-    batch = pa.table({"key": ["a", "b", "c"], "image": [throughput._png(g) for g in gray]})
+def test_rows_are_stamped_when_the_model_finished_them_or_at_encode_when_it_never_saw_them(tiny_model):
+    gray = [np.random.default_rng(i).integers(0, 255, (20, 20), dtype=np.uint8) for i in range(2)]
+    batch = pa.table({"key": ["a", "b", "bad"], "image": [throughput._png(g) for g in gray] + [b"not an image"]})
     before = time.time()
-    out = encode_batch(RestoreActor(tiny_model)(decode_batch(batch)), model="tiny", model_sha256="x", run_id="r")
+    restored = RestoreActor(tiny_model)(decode_batch(batch))
+    after_model = time.time()
+    time.sleep(0.05)
+    out = encode_batch(restored, model="tiny", model_sha256="x", run_id="r")
     after = time.time()
-    stamps = out.column("restored_at").to_pylist()
+    stamps = dict(zip(out.column("key").to_pylist(), out.column("restored_at").to_pylist(), strict=True))
     assert out.schema.field("restored_at").type == pa.float64()
-    assert before <= stamps[0] <= stamps[1] <= stamps[2] <= after
+    assert before <= stamps["a"] == stamps["b"] <= after_model  # one model batch, one stamp, before the encode
+    assert after_model + 0.05 <= stamps["bad"] <= after  # a decode error reaches no model: stamped when encoded
 
 
 def test_sampler_sees_the_driver_peak_of_its_own_block():

@@ -6,8 +6,9 @@ Restore, three ways, same model file and same images:
   that `RestoreActor` chooses on this cluster, under `torch.inference_mode()`; one loop per model actor, all at once
   (threads of this process). Nothing but the model runs, so no pipeline can beat it on the same hardware.
 - ours: the images as input shards on S3 (`data.ingest`), then `run_restore` S3 -> Parquet on S3. End to end includes
-  the Ray start-up (timed on its own, before the run); steady state is rows over the span of the output's
-  `restored_at` column (when `encode_batch` finished each row), i.e. from the first output row to the last.
+  the Ray start-up (timed on its own, before the run); steady state is the megapixels restored after the first
+  model batch over the span of the output's `restored_at` column (when the actor's model finished each row), i.e.
+  from the first restored batch to the last.
 - naive: what a user writes without us: boto3 get_object -> Pillow decode -> torch forward (same model, fp32, BN as
   trained, default torch threads, one image at a time) -> PNG encode -> boto3 put_object, sequentially.
 
@@ -65,7 +66,7 @@ MIXED_SIZES = (180, 256, 512)  # Train400's size, Set12's two sizes
 CALIBRATION_BATCHES = 2  # timed batches (after one warm-up batch) that size the run for --min-model-seconds
 # A steady state more than this factor above the limit is a measuring artefact, not a rate (see bench_restore).
 STEADY_SLACK = 1.05
-MIN_WRITE_TASKS = 3  # fewer output files than this and `restored_at` spans the encoding of one bundle, not the run
+MIN_STEADY_BATCHES = 3  # model batches (distinct `restored_at` stamps) a steady-state figure needs at the least
 SAMPLE_INTERVAL_S = 0.5
 _MB = 2**20
 
@@ -635,7 +636,11 @@ def run_ours(
     megapixels = sum(w * h for w, h, good in zip(widths, heights, ok, strict=True) if good) / 1e6
     stamps = np.asarray(written.column("restored_at").to_pylist(), dtype=np.float64)
     span = float(stamps.max() - stamps.min()) if len(stamps) else 0.0
-    # The write phase split at the first and last encoded row: filling the pipeline, steady state, draining it.
+    # Steady state: what the model stage delivered after its first batch, over the time from that batch to the last.
+    pixels = np.array([w * h if good else 0 for w, h, good in zip(widths, heights, ok, strict=True)], np.float64)
+    after_first = stamps > stamps.min() if len(stamps) else np.zeros(0, bool)
+    batches = len(np.unique(stamps))
+    # The write phase split at the first and last restored row: filling the pipeline, steady state, draining it.
     write_start = started_at + report.phase_seconds["setup"]
     write_end = write_start + report.phase_seconds["write"]
     write_split = (
@@ -643,7 +648,6 @@ def run_ours(
         if len(stamps)
         else {}
     )
-    files = sum(1 for i in storage.list_files(report.output) if i.path.endswith(".parquet"))
     return {
         "run_id": report.run_id,
         "output": report.output,
@@ -656,10 +660,10 @@ def run_ours(
         "mp_per_s": megapixels / report.seconds,
         "cpu_s": _pipeline_cpu(sampler.result),
         "steady_span_s": span,
-        "steady_mp_per_s": megapixels / span if span > 0 else float("inf"),
-        "steady_rows_per_s": written.num_rows / span if span > 0 else float("inf"),
-        "output_files": files,
-        "steady_valid": files >= MIN_WRITE_TASKS and span > 0,
+        "steady_mp_per_s": float(pixels[after_first].sum()) / 1e6 / span if span > 0 else float("inf"),
+        "steady_rows_per_s": int(after_first.sum()) / span if span > 0 else float("inf"),
+        "steady_batches": batches,
+        "steady_valid": batches >= MIN_STEADY_BATCHES and span > 0,
         "workers": report.config.get("workers"),
         "gpu": report.config.get("gpu"),
         "phase_seconds": report.phase_seconds,
@@ -1165,14 +1169,13 @@ def observations(result: dict) -> list[str]:
         if ours.get("steady_over_limit"):
             notes.append(
                 f"restore: steady state is not meaningful here: the restored_at span gives "
-                f"{ours['steady_mp_per_s']:.3g} MP/s, faster than the limit; the write tasks wait for min_rows_per_file "
-                "rows, so rows restored while the pipeline filled are encoded inside the span; use more images"
+                f"{ours['steady_mp_per_s']:.3g} MP/s, faster than the limit loop; the machine was busier while the "
+                "limit was measured, or the run is too short; measure on an idle machine with more images"
             )
         elif not ours["steady_valid"]:
             notes.append(
-                f"restore: steady state is not meaningful here: the output came from {ours['output_files']} write "
-                f"task(s) (encode_batch is fused into the Parquet write, which waits for min_rows_per_file rows), so "
-                f"restored_at spans {ours['steady_span_s']:.1f} s of encoding, not the run; use more images"
+                f"restore: steady state is not meaningful here: the model restored the images in "
+                f"{ours['steady_batches']} batch(es), fewer than {MIN_STEADY_BATCHES}; use more images"
             )
         driver_nice, actor_nice = res["driver_nice"], actor.get("nice") if actor else None
         if driver_nice is not None and actor_nice is not None and actor_nice > driver_nice:
@@ -1343,6 +1346,8 @@ def format_table(result: dict) -> str:
 
 
 def _jsonable(value):
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -1378,7 +1383,8 @@ def write_report(result: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         "How each number is taken (see `restoration/bench/throughput.py`):",
         "- limit: the raw model forward over pre-decoded tensors in memory (BN folded; the actor's batch, threads, "
         "precision and memory format).",
-        "- ours, steady state: rows / (last - first `restored_at`), the time `encode_batch` finished each row; "
+        "- ours, steady state: megapixels after the first model batch / (last - first `restored_at`), the time "
+        "the actor's model finished each row; "
         "end to end: the whole `run_restore` plus Ray's start-up, timed on its own before the run.",
         "- naive: boto3 get -> Pillow decode -> fp32 forward -> PNG -> boto3 put, one image at a time.",
         "- synthesis: the generator forward alone vs `run_synthesize` (latents, generator, PNG, Parquet on S3).",

@@ -63,6 +63,7 @@ STAGE_SCHEMA = pa.schema(
         ("model", pa.string()),  # set by RestoreActor: the model that restored the row ...
         ("model_sha256", pa.string()),
         ("model_applied", pa.string()),  # ... and how: "native", "per-channel" or "replicated"
+        ("restored_at", pa.float64()),  # set by RestoreActor: Unix seconds when the model finished the row
     ]
 )
 OUTPUT_SCHEMA = pa.schema(
@@ -81,7 +82,9 @@ OUTPUT_SCHEMA = pa.schema(
         ("elapsed_ms", pa.float64()),
         ("run_id", pa.string()),
         ("error", pa.string()),
-        ("restored_at", pa.float64()),  # Unix seconds when encode_batch finished the row (throughput timelines)
+        # Unix seconds when the model finished the row (when encode_batch did, for rows that never reached a model):
+        # the pipeline's timeline, unblurred by the write, which encodes min_rows_per_file rows at a time.
+        ("restored_at", pa.float64()),
         ("model_applied", pa.string()),  # "native", "per-channel" (gray model, colour image), "replicated" (converse)
     ]
 )
@@ -392,8 +395,10 @@ class RestoreActor:
                 with torch.inference_mode():
                     out = runner.restore_array(stack)  # (N, H, W, C) float
                 per_row_ms = 1e3 * (time.perf_counter() - t0) / len(idx)
+                done_at = time.time()
                 for j, i in enumerate(idx):  # float32: quantising is the encode tasks' work, off the model's core
                     rows[i].update(used, pixels=np.ascontiguousarray(out[j], dtype=np.float32).tobytes())
+                    rows[i]["restored_at"] = done_at
                     rows[i]["elapsed_ms"] += per_row_ms
             except Exception as e:  # one bad group must not take the batch down: its rows become error rows
                 for i in idx:
@@ -456,7 +461,7 @@ def encode_batch(batch: pa.Table, model: str, model_sha256: str | None, run_id: 
             except Exception as e:  # noqa: BLE001 - becomes the row's error
                 result.update(image=None, error=f"encode: {type(e).__name__}: {str(e)[:200]}")
         result["elapsed_ms"] = (row["elapsed_ms"] or 0.0) + 1e3 * (time.perf_counter() - t0)
-        result["restored_at"] = time.time()
+        result["restored_at"] = row.get("restored_at") or time.time()
         out.append(result)
     return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
