@@ -145,3 +145,19 @@ def test_sample_tasks_are_whole_generator_batches_near_the_pixel_budget(count, b
     assert rows == expected
     assert rows % batch == 0
     assert rows * size * size <= max(synthesize.TASK_PIXELS, batch * size * size)
+
+
+def test_a_shard_read_starts_one_footer_reader_not_ray_datas_32(photos, tmp_path, ray_cluster):
+    from ray.util.state import list_actors
+
+    def footer_readers() -> int:
+        address = ray_cluster.get_runtime_context().gcs_address
+        return len(list_actors(address=address, filters=[("class_name", "=", "FooterReader")], limit=10_000))
+
+    folder, _ = photos
+    shards = tmp_path / "shards"
+    data.ingest(str(folder), str(shards), shard_mb=0.1, executor="local")  # one shard per image
+    before = footer_readers()
+    keys = sorted(data.read_images(str(shards)).to_pandas()["key"])
+    assert keys == ["a.png", "b.png"]
+    assert footer_readers() - before == 1  # Ray Data's default provisions 32 of them
