@@ -161,3 +161,23 @@ def test_a_shard_read_starts_one_footer_reader_not_ray_datas_32(photos, tmp_path
     keys = sorted(data.read_images(str(shards)).to_pandas()["key"])
     assert keys == ["a.png", "b.png"]
     assert footer_readers() - before == 1  # Ray Data's default provisions 32 of them
+
+
+def test_shards_hold_row_groups_and_reads_take_read_units_of_at_most_row_group_bytes(tmp_path, ray_cluster):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    mb = 2**20
+    blobs = [rng.bytes(mb) for _ in range(24)]  # 24 MiB of incompressible "images" per shard
+    table = pa.table({"key": [f"k{i:02d}" for i in range(24)], "image": blobs})
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("a", "b"):
+        (shards / f"{name}.parquet").write_bytes(data.table_to_parquet(table))
+    meta = pq.ParquetFile(shards / "a.parquet").metadata
+    sizes = [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
+    assert len(sizes) >= 2 and max(sizes) <= data.ROW_GROUP_BYTES + mb  # 1,024-row groups made one of 24 MiB
+    # Ray Data packs row groups into read units of up to 128 MiB by default: 48 MiB would be one read, one block.
+    ds = data.read_images(str(shards)).materialize()
+    assert ds.count() == 48 and ds.num_blocks() >= 3
