@@ -153,8 +153,12 @@ def test_tiny_benchmark_end_to_end(s3, ray_cluster, tmp_path):
     assert not ours["steady_valid"] or ours["steady_mp_per_s"] <= throughput.STEADY_SLACK * restore["limit"]["mp_per_s"]
     assert result["ray_startup_s"] is None and not result["ray_started_here"]  # the session's Ray was reused
     # The actor's process was found and sampled (it exits when the dataset is done).
-    roles = [r for w in restore["ours"]["resources"]["top_workers"] for r in w["roles"]]
+    res = restore["ours"]["resources"]
+    roles = [r for w in res["top_workers"] for r in w["roles"]]
     assert any("RestoreActor" in r for r in roles), roles
+    # What the workers held at one time is at most what they held at their own peaks, and the largest of them is named.
+    assert 0 < res["worker_anon_mb_concurrent"] <= res["worker_anon_mb_sum"]
+    assert res["largest_worker"]["peak_anon_mb"] == res["worker_anon_mb_max"]
 
     # Every input key came out once, from the pipeline and from the naive script.
     keys = sorted(f"img-{i:06d}.png" for i in range(16))

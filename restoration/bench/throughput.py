@@ -335,6 +335,7 @@ class ResourceSampler:
         self._state_pids: list[int] = []
         self._state_checked = 0.0
         self._gpu: list[float] = []
+        self._live_anon_peak = 0  # the most private memory the workers held at one time (one sample)
 
     @staticmethod
     def _find_raylet() -> int | None:
@@ -373,11 +374,13 @@ class ResourceSampler:
         return self._state_pids
 
     def _sample(self) -> None:
+        live_anon = 0
         for pid in self._worker_pids():
             status = _read_status(pid)
             cpu = _cpu_seconds(pid)
             if not status or cpu is None:
                 continue
+            live_anon += status.get("RssAnon", 0)
             w = self._workers.setdefault(pid, {"cpu0": 0.0, "cpu": 0.0, "hwm": 0, "anon": 0, "titles": set()})
             w["cpu"], w["nice"] = cpu, _nice(pid)
             w["hwm"] = max(w["hwm"], status.get("VmHWM", 0))
@@ -385,6 +388,7 @@ class ResourceSampler:
             title = _title(pid).split(" ")[0]
             if title.startswith("ray::") and not title.startswith(_BORING_TITLES):
                 w["titles"].add(re.sub(r"\)\.\w+$", ")", title))  # "ray::MapWorker(...).submit": the method goes
+        self._live_anon_peak = max(self._live_anon_peak, live_anon)
         if self._cuda:
             util = _gpu_utilization()
             if util is not None:
@@ -456,8 +460,12 @@ class ResourceSampler:
             "worker_peak_mb_sum": sum(w["peak_mb"] for w in workers),
             "worker_anon_mb_max": max((w["peak_anon_mb"] for w in workers), default=0.0),
             "worker_anon_mb_sum": sum(w["peak_anon_mb"] for w in workers),
+            # Sums of peaks add up processes that never ran at the same time (a longer run starts more of them);
+            # this is what the workers held together at the worst sample.
+            "worker_anon_mb_concurrent": self._live_anon_peak / _MB,
             "worker_cpu_s": sum(w["cpu_s"] for w in workers),
             "top_workers": workers[:6],
+            "largest_worker": max(workers, key=lambda w: w["peak_anon_mb"], default=None),  # by private memory
             "other_cpu_s": extra_cpu,
             "machine_busy_cores": (busy1 - busy0) / (total1 - total0) * cpus if total1 > total0 else None,
             "our_busy_cores": ours_cpu / wall if wall > 0 else None,
@@ -837,11 +845,13 @@ def scale_check(config: ThroughputConfig, env: dict, noisy: list[WorkImage], pro
             "worker_peak_mb_sum": res["worker_peak_mb_sum"],
             "worker_anon_mb_max": res["worker_anon_mb_max"],
             "worker_anon_mb_sum": res["worker_anon_mb_sum"],
+            "worker_anon_mb_concurrent": res["worker_anon_mb_concurrent"],
             "actor_anon_mb": max(
                 (w["peak_anon_mb"] for w in res["top_workers"] if any("RestoreActor" in r for r in w["roles"])),
                 default=0.0,
             ),
             "top_workers": res["top_workers"][:3],
+            "largest_worker": res["largest_worker"],
         }
 
     def growth(name: str) -> float:
@@ -853,6 +863,7 @@ def scale_check(config: ThroughputConfig, env: dict, noisy: list[WorkImage], pro
         "worker_peak_mb_sum",
         "worker_anon_mb_max",
         "worker_anon_mb_sum",
+        "worker_anon_mb_concurrent",
         "actor_anon_mb",
     )
     return {"runs": runs, "growth": {name: growth(name) for name in names}, "target_growth": 0.25}
@@ -1301,8 +1312,15 @@ def format_table(result: dict) -> str:
                 f"worker touched): restore actor {n['actor_anon_mb']:.0f} -> {n10['actor_anon_mb']:.0f} MB "
                 f"({grow['actor_anon_mb']:+.0%}), largest worker {n['worker_anon_mb_max']:.0f} -> "
                 f"{n10['worker_anon_mb_max']:.0f} MB ({grow['worker_anon_mb_max']:+.0%}), sum "
-                f"{n['worker_anon_mb_sum']:.0f} -> {n10['worker_anon_mb_sum']:.0f} MB ({grow['worker_anon_mb_sum']:+.0%})"
+                f"{n['worker_anon_mb_sum']:.0f} -> {n10['worker_anon_mb_sum']:.0f} MB "
+                f"({grow['worker_anon_mb_sum']:+.0%}), all workers at once {n['worker_anon_mb_concurrent']:.0f} -> "
+                f"{n10['worker_anon_mb_concurrent']:.0f} MB ({grow['worker_anon_mb_concurrent']:+.0%})"
             )
+            largest = n10.get("largest_worker")
+            if largest:
+                lines.append(
+                    f"  scale check: the largest worker at {n10['images']} images ran {', '.join(largest['roles'])}"
+                )
     synthesis = result.get("synthesis")
     if synthesis:
         raw, pipe = synthesis["raw"], synthesis["pipeline"]
