@@ -173,13 +173,15 @@ def set12_shards(s3, set12) -> str:
 
 @pytest.fixture(scope="module")
 def restore_job(cluster, s3, set12_shards, tmp_path_factory) -> dict:
-    """One restore job (an untrained tiny model, so that inference is cheap), shared by the tests that inspect it."""
+    """One restore job (an untrained small model, so that inference is cheap), shared by the tests that inspect it."""
     from restoration.checkpoint import save_model
     from restoration.models.restorer import Restorer, RestorerConfig
     from restoration.storage import write_bytes
 
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    model = Restorer(RestorerConfig(depth=3, width=8))
+    # Wide enough that an actor is still busy when the next block arrives: Ray Data's actor pool prefers the actor on
+    # the block's node, so with a model faster than the blocks come, one node's actor restored every batch.
+    model = Restorer(RestorerConfig(depth=6, width=32))
     save_model(path, "restorer", model.config, model)
     model_uri = s3.uri("cluster", "models", "tiny.pt")
     write_bytes(model_uri, path.read_bytes())
@@ -187,7 +189,7 @@ def restore_job(cluster, s3, set12_shards, tmp_path_factory) -> dict:
     submission_id = f"restore-{secrets.token_hex(4)}"
     out = s3.uri("cluster", "restored")
     args = ["jobs/restore.py", set12_shards, out, "--model", model_uri, "--degrade", "noise:25"]
-    args += ["--run-id", submission_id, "--workers", "2", "--batch-size", "2"]
+    args += ["--run-id", submission_id, "--workers", "2", "--batch-size", "1"]
     done = _submit(cluster, s3, submission_id, *args)
     return {"id": submission_id, "done": done, "out": f"{out}/run_id={submission_id}"}
 
