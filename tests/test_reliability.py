@@ -316,7 +316,7 @@ def test_training_worker_killed_mid_epoch_resumes_from_checkpoint(s3, ray_cluste
     from restoration.train.launcher import LaunchConfig
     from restoration.train.restorer import RestorerTrainConfig, decode_rows, init_weights, train_epoch
     from restoration.train.restorer_core import NoiseSpec, evaluate_psnr
-    from restoration.train.run import _holdout, resolve_config, run_training
+    from restoration.train.run import resolve_config, run_training
 
     files = sorted(p for p in Path(train400).iterdir() if p.suffix == ".png")[:40]
     folder = tmp_path / "train"
@@ -366,8 +366,8 @@ def test_training_worker_killed_mid_epoch_resumes_from_checkpoint(s3, ray_cluste
     # The uninterrupted run: the same epochs of the same loop on the same images from the same weights, in this
     # process with the worker's one thread.
     keys = [p.name for p in files]
-    train = decode_rows([pa.table({"image": [(folder / k).read_bytes() for k in keys if not _holdout(k)]})], 1)
-    val = decode_rows([pa.table({"image": [(folder / k).read_bytes() for k in keys if _holdout(k)]})], 1)
+    train = decode_rows([pa.table({"image": [(folder / k).read_bytes() for k in keys if not data.held_out(k)]})], 1)
+    val = decode_rows([pa.table({"image": [(folder / k).read_bytes() for k in keys if data.held_out(k)]})], 1)
     cfg = RestorerTrainConfig(**tiny)
     model = Restorer(cfg.model_config())
     model.load_state_dict(init_weights(str(tmp_path / "init.pt"), cfg.model_config()))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import zlib
 from typing import Any
 
 from restoration.train import dcgan, restorer, vae
@@ -19,7 +18,6 @@ TRAINERS: dict[str, tuple[type, dict[str, dict], Any]] = {
     "dcgan": (dcgan.DCGANTrainConfig, dcgan.PRESETS, dcgan.train_loop_per_worker),
     "vae": (vae.VAETrainConfig, vae.PRESETS, vae.train_loop_per_worker),
 }
-HOLDOUT_EVERY = 20  # without --val, one image in 20 (chosen by a hash of its key) is held out for validation
 READ_CPUS = 0.5  # CPUs per read task: the workers may hold all but half a core (launcher.launch checks)
 
 
@@ -56,28 +54,18 @@ def resolve_config(kind: str, preset: str | None, overrides: dict[str, Any]) -> 
         raise ValueError(f"bad {kind} config: {e}") from None
 
 
-def _holdout(key: str) -> bool:
-    return zlib.crc32(key.encode()) % HOLDOUT_EVERY == 0
-
-
 def build_datasets(kind: str, data: str, val: str | None) -> tuple[dict, list[str]]:
     """Ray Datasets for a run: "train" (sharded across workers) and "val" (whole on every worker)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from restoration.data import read_images
+    from restoration.data import holdout_split, read_images
 
     train = read_images(data, extra_columns=("label",), num_cpus=READ_CPUS)
     if val is not None:
         return {"train": train, "val": read_images(val, extra_columns=("label",), num_cpus=READ_CPUS)}, ["train"]
-
-    def split(batch: pa.Table, held_out: bool) -> pa.Table:
-        mask = pa.array([_holdout(k) == held_out for k in batch.column("key").to_pylist()], pa.bool_())
-        return pc.filter(batch, mask) if batch.num_rows else batch
-
     datasets = {
-        "train": train.map_batches(split, fn_kwargs={"held_out": False}, batch_format="pyarrow", num_cpus=READ_CPUS),
-        "val": train.map_batches(split, fn_kwargs={"held_out": True}, batch_format="pyarrow", num_cpus=READ_CPUS),
+        name: train.map_batches(
+            holdout_split, fn_kwargs={"held_out_rows": name == "val"}, batch_format="pyarrow", num_cpus=READ_CPUS
+        )
+        for name in ("train", "val")
     }
     return datasets, ["train"]
 
