@@ -170,8 +170,14 @@ def test_tiny_benchmark_end_to_end(s3, ray_cluster, tmp_path):
     naive_root = storage.join(result["store"], "restore", "naive")
     _, root = storage.resolve(naive_root)
     assert sorted(i.path[len(root) + 1 :] for i in storage.list_files(naive_root)) == keys
-    synth = read_output(synthesis["pipeline"]["output"], ["index"], SYNTH_SCHEMA)
+    synth = read_output(synthesis["pipeline"]["output"], ["index", "generated_at"], SYNTH_SCHEMA)
     assert sorted(synth.column("index").to_pylist()) == list(range(256))
+    # 256 images on 2 actors are 4 tasks of one generator batch each: 4 stamps, the steady state after the first.
+    pipe = synthesis["pipeline"]
+    assert synth.column("generated_at").null_count == 0
+    assert pipe["steady_batches"] == len(set(synth.column("generated_at").to_pylist())) == 256 // 64
+    assert pipe["steady_valid"] and 0 < pipe["first_image_s"] < pipe["seconds"]
+    assert pipe["steady_images_per_s"] == pytest.approx(192 / pipe["steady_span_s"])
 
     # The report files hold the same numbers.
     written = json.loads(paths["json"].read_text())

@@ -391,7 +391,8 @@ def test_every_actor_of_the_pool_restores_batches_of_one_small_shard(s3, ray_clu
 
     def finished_batches() -> list:  # this run's actor tasks (the state API catches up within seconds)
         name = "MapWorker(MapBatches(RestoreActor)).submit"
-        tasks = list_tasks(filters=[("name", "=", name)], limit=10_000, detail=True)
+        address = ray_cluster.get_runtime_context().gcs_address  # the session's cluster, whatever else runs here
+        tasks = list_tasks(address=address, filters=[("name", "=", name)], limit=10_000, detail=True)
         return [t for t in tasks if t.state == "FINISHED" and (t.start_time_ms or 0) >= started_ms]
 
     deadline = time.monotonic() + 60

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -166,8 +167,11 @@ def test_actor_rows_are_raw_samples_and_encoding_gives_the_pngs_of_the_generator
     )
 
     actor = GeneratorActor(SynthesizeConfig(model=gan_file, output="unused", count=5, seed=4), run_id="r", threads=1)
+    before = time.time()
     raw = actor(pa.table({"index": pa.array([0, 1, 2, 3, 4], pa.int64())}))
     assert raw.schema == PIXELS_SCHEMA and raw.column("channels").to_pylist() == [1] * 5
+    stamps = raw.column("generated_at").to_pylist()  # one generator batch: one stamp, taken when it finished
+    assert len(set(stamps)) == 1 and before < stamps[0] <= time.time()
     rows = raw.to_pylist()
     rows[2].update(pixels=None, width=None, height=None, channels=None, error="decode: broken")
     encoded = encode_images(pa.Table.from_pylist(rows, schema=PIXELS_SCHEMA))

@@ -14,7 +14,8 @@ Restore, three ways, same model file and same images:
 
 Synthesis: the raw generator loop (same batch, threads and precision as `GeneratorActor`, one loop per actor, all at
 once) against `run_synthesize`
-writing Parquet to S3. Training: a 1-worker Ray Train restorer run against the same loop in plain PyTorch
+writing Parquet to S3, end to end and in steady state (the images after the first generator batch over the span of
+the output's `generated_at` column). Training: a 1-worker Ray Train restorer run against the same loop in plain PyTorch
 (`restorer_core` functions), both timed by the loops themselves, so start-up, data loading, validation and
 checkpoints are left out of both.
 
@@ -367,7 +368,12 @@ class ResourceSampler:
                 from ray.util.state import list_workers
 
                 self._node_id = self._node_id or ray.get_runtime_context().get_node_id()
-                workers = list_workers(filters=[("is_alive", "=", True)], limit=10_000, raise_on_missing_output=False)
+                workers = list_workers(
+                    address=ray.get_runtime_context().gcs_address,  # this driver's cluster, whatever else runs here
+                    filters=[("is_alive", "=", True)],
+                    limit=10_000,
+                    raise_on_missing_output=False,
+                )
                 self._state_pids = [w.pid for w in workers if w.worker_type == "WORKER" and w.node_id == self._node_id]
             except Exception:  # noqa: BLE001 - no dashboard: no worker numbers, said in the result
                 self._state_pids = []
@@ -913,7 +919,9 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
 
     progress(f"synthesis: run_synthesize, {config.synth_count} images")
     with ResourceSampler(extra=env["extra_pids"]) as sampler:
+        started_at = time.time()
         report = run_synthesize(synth_config)
+    steady = synthesis_steady_state(report.output, started_at)
     raw = {
         "images": done,
         "seconds": raw_s,
@@ -932,6 +940,7 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
         "phase_seconds": report.phase_seconds,
         "output": report.output,
         "resources": sampler.result,
+        **steady,
     }
     return {
         "model": config.synth_model,
@@ -943,6 +952,33 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
         "raw": raw,
         "pipeline": pipeline,
         "ratio_pipeline_over_raw": pipeline["images_per_s"] / raw["images_per_s"],
+        "ratio_steady_over_raw": pipeline["steady_images_per_s"] / raw["images_per_s"],
+    }
+
+
+def synthesis_steady_state(output: str, started_at: float) -> dict:
+    """The synthesis run's timeline from its `generated_at` column (when the generator finished each row's batch):
+    the images after the first generator batch over the span from that batch to the last, and the seconds from the
+    start of `run_synthesize` (Unix time `started_at`) to the first batch."""
+    from restoration.pipelines.restore import read_output
+    from restoration.pipelines.synthesize import OUTPUT_SCHEMA
+
+    stamps = read_output(output, ["generated_at", "error"], OUTPUT_SCHEMA)
+    ok = np.array([e is None for e in stamps.column("error").to_pylist()], bool)
+    at = np.asarray(stamps.column("generated_at").to_pylist(), dtype=np.float64)[ok]
+    if not len(at):
+        return {"first_image_s": float("nan"), "steady_span_s": 0.0, "steady_images_per_s": float("nan")} | {
+            "steady_batches": 0,
+            "steady_valid": False,
+        }
+    span = float(at.max() - at.min())
+    batches = len(np.unique(at))
+    return {
+        "first_image_s": float(at.min()) - started_at,
+        "steady_span_s": span,
+        "steady_images_per_s": int((at > at.min()).sum()) / span if span > 0 else float("nan"),
+        "steady_batches": batches,
+        "steady_valid": batches >= MIN_STEADY_BATCHES and span > 0,
     }
 
 
@@ -1344,7 +1380,16 @@ def format_table(result: dict) -> str:
                 pipe["images"],
                 f"{_num(synthesis['ratio_pipeline_over_raw'])} x raw",
             ),
-            f"  run_synthesize phases: {_phases(pipe['phase_seconds'])}",
+            _row(
+                "run_synthesize, steady state (generated_at span)",
+                pipe["steady_images_per_s"] if pipe["steady_valid"] else None,
+                pipe["steady_span_s"],
+                None,
+                None,
+                f"{_num(synthesis['ratio_steady_over_raw'])} x raw" if pipe["steady_valid"] else "",
+            ),
+            f"  run_synthesize phases: {_phases(pipe['phase_seconds'])}; first image {pipe['first_image_s']:.1f} s"
+            " after the start",
         ]
     training = result.get("training")
     if training:
@@ -1405,7 +1450,8 @@ def write_report(result: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         "the actor's model finished each row; "
         "end to end: the whole `run_restore` plus Ray's start-up, timed on its own before the run.",
         "- naive: boto3 get -> Pillow decode -> fp32 forward -> PNG -> boto3 put, one image at a time.",
-        "- synthesis: the generator forward alone vs `run_synthesize` (latents, generator, PNG, Parquet on S3).",
+        "- synthesis: the generator forward alone vs `run_synthesize` (latents, generator, PNG, Parquet on S3); "
+        "steady state: images after the first generator batch / (last - first `generated_at`).",
         "- training: samples/s of the step loops (the Ray Train loop's own per-epoch timings).",
         "- memory: driver peak from getrusage after resetting the peak; workers: VmHWM of the Ray worker processes "
         f"({result.get('restore', {}).get('ours', {}).get('resources', {}).get('method', 'see JSON')}).",

@@ -56,6 +56,9 @@ OUTPUT_SCHEMA = pa.schema(
         ("alpha", pa.float64()),
         ("run_id", pa.string()),
         ("error", pa.string()),
+        # Unix seconds when the generator finished the row's batch (or the row failed): the run's timeline, unblurred
+        # by the encode and the write, which take whole tasks of rows at a time.
+        ("generated_at", pa.float64()),
     ]
 )
 # What the generator actors emit: OUTPUT_SCHEMA with the image as raw uint8 samples (height, width, channels), which
@@ -203,8 +206,9 @@ class GeneratorActor:
             if self.loaded.kind == "vae":  # N(0, I) draws -> the VAE's sampling prior (unchanged for N(0, I) itself)
                 z = self.module.prior_latents(z.to(self.device, self.dtype), uniforms_for(self.config.seed, chunk))
             images = self._decode(z)  # (B, S, S, C) uint8
+            done_at = time.time()
             for i, image in zip(chunk, images, strict=True):
-                rows.append(self._row(i, image, source_keys=None, alpha=None))
+                rows.append(self._row(i, image, None, None, done_at))
 
     def _from_inputs(self, item: dict, rows: list[dict]) -> None:
         import torch
@@ -215,17 +219,18 @@ class GeneratorActor:
         except (codec.DecodeError, ValueError) as e:
             n = self.config.steps if self.config.mode == "interpolate" else 1
             for t in range(n):
-                rows.append(self._row(index + t, None, keys, None, error=f"decode: {e}"))
+                rows.append(self._row(index + t, None, keys, None, time.time(), error=f"decode: {e}"))
             return
         mu, _ = self.module.encode(x.to(self.device, self.dtype))  # (k, D)
         if self.config.mode == "reconstruct":
-            rows.append(self._row(index, self._decode(mu)[0], source_keys=keys, alpha=None))
+            rows.append(self._row(index, self._decode(mu)[0], keys, None, time.time()))
             return
         alphas = np.linspace(0.0, 1.0, self.config.steps)
         mix = slerp if self.config.slerp else (lambda a, b, t: (1 - t) * a + t * b)
         z = torch.stack([mix(mu[0], mu[1], float(a)) for a in alphas])
-        for t, (alpha, image) in enumerate(zip(alphas, self._decode(z), strict=True)):
-            rows.append(self._row(index + t, image, source_keys=keys, alpha=float(alpha)))
+        images, done_at = self._decode(z), time.time()
+        for t, (alpha, image) in enumerate(zip(alphas, images, strict=True)):
+            rows.append(self._row(index + t, image, keys, float(alpha), done_at))
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _decode(self, z) -> np.ndarray:
@@ -253,8 +258,9 @@ class GeneratorActor:
             x = F.interpolate(x[None], size=(cfg.image_size, cfg.image_size), mode="area")[0]
         return x
 
-    def _row(self, index: int, image, source_keys, alpha, error: str | None = None) -> dict:
-        """One PIXELS_SCHEMA row; `image` is an (S, S, C) uint8 array, or None for an error row."""
+    def _row(self, index: int, image, source_keys, alpha, done_at: float, error: str | None = None) -> dict:
+        """One PIXELS_SCHEMA row; `image` is an (S, S, C) uint8 array, or None for an error row; `done_at` is the
+        Unix time the generator finished it (or it failed)."""
         row = {
             "key": f"{self.run_id}/{index:012d}",
             "index": index,
@@ -265,6 +271,7 @@ class GeneratorActor:
             "alpha": alpha,
             "run_id": self.run_id,
             "error": error,
+            "generated_at": done_at,
         }
         if image is not None:
             height, width, channels = image.shape
