@@ -4,6 +4,7 @@ of a model batch."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,9 +130,11 @@ def test_the_data_stages_import_without_torch():
     assert done.stdout.strip() == "False"
 
 
-def test_training_reads_run_in_workers_without_torch(photos, ray_cluster):
-    """The holdout split of a training folder runs in Ray Data's read tasks. Defined next to the training loops, it
-    made each read worker import torch, and a one-epoch run of a tiny model took 57 s instead of 36."""
+def test_training_holdout_is_split_off_in_read_workers_without_torch(tmp_path, ray_cluster):
+    """Without --val, "val" is the holdout of the training images and "train" the rest: a folder is split by file
+    name before it is read (the holdout of a large folder reads 1 file in 20, not all of them), shards row by row.
+    The row split runs in Ray Data's read tasks; defined next to the training loops, it made each read worker import
+    torch, and a one-epoch run of a tiny model took 57 s instead of 36."""
     import pyarrow as pa
 
     from restoration.train.run import READ_CPUS, build_datasets
@@ -141,14 +144,32 @@ def test_training_reads_run_in_workers_without_torch(photos, ray_cluster):
 
         return pa.table({"key": batch.column("key"), "torch": [("torch" in sys.modules)] * batch.num_rows})
 
-    folder, _ = photos
+    folder = tmp_path / "images"
+    folder.mkdir()
+    keys = [f"img{i:03d}.png" for i in range(60)]
+    for i, key in enumerate(keys):
+        (folder / key).write_bytes(png(np.full((8, 8), i, np.uint8)))
+    held = sorted(k for k in keys if data.held_out(k))
+    assert 0 < len(held) < 10  # about 1 in 20
+    shards = tmp_path / "shards"
+    data.ingest(str(folder), str(shards), executor="local")
+
+    for uri in (str(folder), str(shards)):
+        datasets, split = build_datasets("restorer", uri, None)
+        assert split == ["train"]
+        rows = {
+            name: ds.map_batches(torch_loaded, batch_format="pyarrow", num_cpus=READ_CPUS).take_all()
+            for name, ds in datasets.items()
+        }
+        assert sorted(r["key"] for r in rows["val"]) == held, uri
+        assert sorted(r["key"] for r in rows["train"]) == sorted(set(keys) - set(held)), uri
+        assert not any(r["torch"] for name in rows for r in rows[name]), uri
+    # The folder's holdout reads its own files and nothing else.
     datasets, _ = build_datasets("restorer", str(folder), None)
-    for name, ds in datasets.items():
-        rows = ds.map_batches(torch_loaded, batch_format="pyarrow", num_cpus=READ_CPUS).take_all()
-        assert not any(row["torch"] for row in rows), name
-    rows = datasets["train"].take_all() + datasets["val"].take_all()
-    assert sorted(row["key"] for row in rows) == ["a.png", "b.png"]
-    assert [row["key"] for row in datasets["val"].take_all()] == [k for k in ("a.png", "b.png") if data.held_out(k)]
+    assert sorted(Path(f).name for f in datasets["val"].input_files()) == held
+    # With --val, both sets are read whole.
+    datasets, _ = build_datasets("restorer", str(folder), str(shards))
+    assert datasets["train"].count() == datasets["val"].count() == 60
 
 
 @pytest.mark.parametrize(

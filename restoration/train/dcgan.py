@@ -72,9 +72,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg, rank, world_size = launcher.setup_worker(config, DCGANTrainConfig)
 
-    # Load data: this worker's shard (uint8, kept in memory), and held-out images for the score.
+    # Load data: this worker's shard (uint8, kept in memory), and on rank 0 held-out images for the score.
     train = launcher.load_image_tensor(launcher.shard_batches("train", 1024), cfg.channels)
-    val = launcher.load_image_tensor(launcher.shard_batches("val", 1024), cfg.channels)
+    val = launcher.load_image_tensor(launcher.validation_batches(1024), cfg.channels) if rank == 0 else None
 
     # Build G, D, EMA G and the optimizers; resume from this attempt's checkpoint, if any.
     model = DCGAN(cfg.model_config())

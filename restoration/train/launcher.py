@@ -95,6 +95,13 @@ def shard_batches(name: str, batch_size: int):
     return ray.train.get_dataset_shard(name).iter_batches(batch_format="pyarrow", batch_size=batch_size)
 
 
+def validation_batches(batch_size: int):
+    """The validation images as pyarrow batches on rank 0, which alone validates; none on the other ranks. The
+    validation set is not split, so every worker that iterates it reads all of it."""
+    rank, _ = world()
+    return shard_batches("val", batch_size) if rank == 0 else iter(())
+
+
 def resume(stateful: dict[str, Any]) -> int:
     """Load the checkpoint this attempt starts from (if any) into models/optimizers by their state.pt keys.
 

@@ -260,9 +260,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg, rank, world_size = launcher.setup_worker(config, RestorerTrainConfig)
 
-    # Load data: this worker's shard of the training images, and all the validation images.
+    # Load data: this worker's shard of the training images, and on rank 0 all the validation images.
     train_images = decode_rows(launcher.shard_batches("train", 256), cfg.channels)
-    val_images = decode_rows(launcher.shard_batches("val", 64), cfg.channels)
+    val_images = decode_rows(launcher.validation_batches(64), cfg.channels)
 
     # Build the model and optimizer; resume from the checkpoint this attempt starts from, if any.
     torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights, hence the same run

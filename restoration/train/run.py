@@ -55,17 +55,14 @@ def resolve_config(kind: str, preset: str | None, overrides: dict[str, Any]) -> 
 
 
 def build_datasets(kind: str, data: str, val: str | None) -> tuple[dict, list[str]]:
-    """Ray Datasets for a run: "train" (sharded across workers) and "val" (whole on every worker)."""
-    from restoration.data import holdout_split, read_images
+    """Ray Datasets for a run: "train" (sharded across workers) and "val" (whole on every worker): `val`, or without
+    it the holdout of `data` (one image in 20, see `data.held_out`), which "train" then leaves out."""
+    from restoration.data import read_images
 
-    train = read_images(data, extra_columns=("label",), num_cpus=READ_CPUS)
-    if val is not None:
-        return {"train": train, "val": read_images(val, extra_columns=("label",), num_cpus=READ_CPUS)}, ["train"]
+    sources = {"train": (data, None if val else False), "val": (val, None) if val else (data, True)}
     datasets = {
-        name: train.map_batches(
-            holdout_split, fn_kwargs={"held_out_rows": name == "val"}, batch_format="pyarrow", num_cpus=READ_CPUS
-        )
-        for name in ("train", "val")
+        name: read_images(uri, extra_columns=("label",), num_cpus=READ_CPUS, holdout=holdout)
+        for name, (uri, holdout) in sources.items()
     }
     return datasets, ["train"]
 

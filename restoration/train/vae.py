@@ -97,9 +97,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg, rank, world_size = launcher.setup_worker(config, VAETrainConfig)
 
-    # Load data: this worker's shard (uint8, kept in memory), and held-out images.
+    # Load data: this worker's shard (uint8, kept in memory), and on rank 0 held-out images.
     train = launcher.load_image_tensor(launcher.shard_batches("train", 1024), cfg.channels)
-    val = launcher.load_image_tensor(launcher.shard_batches("val", 1024), cfg.channels)[: cfg.eval_images]
+    val = None
+    if rank == 0:
+        val = launcher.load_image_tensor(launcher.validation_batches(1024), cfg.channels)[: cfg.eval_images]
 
     # Build the model and optimizer; resume from this attempt's checkpoint, if any.
     model = VAE(cfg.model_config())
