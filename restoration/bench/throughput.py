@@ -629,6 +629,20 @@ def _restore_config(config: ThroughputConfig, input_uri: str, out_uri: str):
     )
 
 
+def steady_timeline(stamps: np.ndarray) -> tuple[float, np.ndarray, int, bool]:
+    """A run's steady state from per-row completion stamps (Unix seconds; one stamp per model batch).
+
+    Returns:
+        (span from the first batch's stamp to the last, mask of the rows after the first batch, distinct batches,
+        whether the span makes a rate: at least MIN_STEADY_BATCHES batches over a span > 0).
+    """
+    if not len(stamps):
+        return 0.0, np.zeros(0, bool), 0, False
+    span = float(stamps.max() - stamps.min())
+    batches = len(np.unique(stamps))
+    return span, stamps > stamps.min(), batches, batches >= MIN_STEADY_BATCHES and span > 0
+
+
 def run_ours(
     config: ThroughputConfig, staged: dict, out_root: str, keys: list[str], extra_pids: dict[str, int]
 ) -> dict:
@@ -650,10 +664,8 @@ def run_ours(
     pixels = np.array([w * h if good else 0 for w, h, good in zip(widths, heights, ok, strict=True)], np.float64)
     megapixels = float(pixels.sum()) / 1e6
     stamps = np.asarray(written.column("restored_at").to_pylist(), dtype=np.float64)
-    span = float(stamps.max() - stamps.min()) if len(stamps) else 0.0
     # Steady state: what the model stage delivered after its first batch, over the time from that batch to the last.
-    after_first = stamps > stamps.min() if len(stamps) else np.zeros(0, bool)
-    batches = len(np.unique(stamps))
+    span, after_first, batches, valid = steady_timeline(stamps)
     # The write phase split at the first and last restored row: filling the pipeline, steady state, draining it.
     write_start = started_at + report.phase_seconds["setup"]
     write_end = write_start + report.phase_seconds["write"]
@@ -677,7 +689,7 @@ def run_ours(
         "steady_mp_per_s": float(pixels[after_first].sum()) / 1e6 / span if span > 0 else float("inf"),
         "steady_rows_per_s": int(after_first.sum()) / span if span > 0 else float("inf"),
         "steady_batches": batches,
-        "steady_valid": batches >= MIN_STEADY_BATCHES and span > 0,
+        "steady_valid": valid,
         "workers": report.config.get("workers"),
         "gpu": report.config.get("gpu"),
         "phase_seconds": report.phase_seconds,
@@ -966,19 +978,13 @@ def synthesis_steady_state(output: str, started_at: float) -> dict:
     stamps = read_output(output, ["generated_at", "error"], OUTPUT_SCHEMA)
     ok = np.array([e is None for e in stamps.column("error").to_pylist()], bool)
     at = np.asarray(stamps.column("generated_at").to_pylist(), dtype=np.float64)[ok]
-    if not len(at):
-        return {"first_image_s": float("nan"), "steady_span_s": 0.0, "steady_images_per_s": float("nan")} | {
-            "steady_batches": 0,
-            "steady_valid": False,
-        }
-    span = float(at.max() - at.min())
-    batches = len(np.unique(at))
+    span, after_first, batches, valid = steady_timeline(at)
     return {
-        "first_image_s": float(at.min()) - started_at,
+        "first_image_s": float(at.min()) - started_at if len(at) else float("nan"),
         "steady_span_s": span,
-        "steady_images_per_s": int((at > at.min()).sum()) / span if span > 0 else float("nan"),
+        "steady_images_per_s": int(after_first.sum()) / span if span > 0 else float("nan"),
         "steady_batches": batches,
-        "steady_valid": batches >= MIN_STEADY_BATCHES and span > 0,
+        "steady_valid": valid,
     }
 
 
@@ -1258,6 +1264,11 @@ def _row(label: str, rate, seconds, cpu_s, work, ratio: str = "") -> str:
     return f"  {label:<46} {_num(rate):>9} {seconds:>8.1f} {cpu_text:>8} {_num(per_cpu):>12}  {ratio}".rstrip()
 
 
+def _steady_row(label: str, rate: float, span: float, valid: bool, ratio: str) -> str:
+    """A steady-state table line: rate and ratio only when the span makes a rate (see `steady_timeline`)."""
+    return _row(label, rate if valid else None, span, None, None, ratio if valid else "")
+
+
 def _phases(phases: dict) -> str:
     """`{"setup": 2.1, "write": 120.4, ...}` -> "setup 2.1 s, write 120.4 s, ..." (what the report's seconds hold)."""
     return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()) or "not reported"
@@ -1286,13 +1297,12 @@ def format_table(result: dict) -> str:
                 limit["cpu_s"],
                 limit["megapixels"],
             ),
-            _row(
+            _steady_row(
                 "ours: steady state (restored_at span)",
-                ours["steady_mp_per_s"] if ours["steady_valid"] else None,
+                ours["steady_mp_per_s"],
                 ours["steady_span_s"],
-                None,
-                None,
-                f"{_num(ratios['ours_steady_over_limit'])} x limit" if ours["steady_valid"] else "",
+                ours["steady_valid"],
+                f"{_num(ratios['ours_steady_over_limit'])} x limit",
             ),
             _row(
                 "ours: run_restore (Ray already up)",
@@ -1380,13 +1390,12 @@ def format_table(result: dict) -> str:
                 pipe["images"],
                 f"{_num(synthesis['ratio_pipeline_over_raw'])} x raw",
             ),
-            _row(
+            _steady_row(
                 "run_synthesize, steady state (generated_at span)",
-                pipe["steady_images_per_s"] if pipe["steady_valid"] else None,
+                pipe["steady_images_per_s"],
                 pipe["steady_span_s"],
-                None,
-                None,
-                f"{_num(synthesis['ratio_steady_over_raw'])} x raw" if pipe["steady_valid"] else "",
+                pipe["steady_valid"],
+                f"{_num(synthesis['ratio_steady_over_raw'])} x raw",
             ),
             f"  run_synthesize phases: {_phases(pipe['phase_seconds'])}; first image {pipe['first_image_s']:.1f} s"
             " after the start",
