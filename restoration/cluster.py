@@ -6,6 +6,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 # Passed on to Ray workers so that they reach the same object store as the driver. Secrets (access keys, session
 # tokens) are never forwarded: Ray writes every runtime env into its logs. Workers get them from their own
@@ -83,9 +84,20 @@ DATA_TASK_CPUS = 0.25
 MAX_CPU_ACTORS = 8
 
 
+class Pool(NamedTuple):
+    """How a pipeline's model actors and data tasks share the cluster (see `actor_resources`)."""
+
+    actors: int
+    gpu: bool
+    threads: int  # torch threads per actor
+    cpus_per_actor: float
+    data_share: float | None  # the measured share of the CPU time outside the model; None when not measured
+    data_tasks: int | None  # most tasks at once per data operator; None leaves it to Ray Data
+
+
 def actor_resources(
     workers: int | None, gpu: bool | None, measure_data_share: Callable[[], float | None] | None = None
-) -> tuple[int, bool, int, float]:
+) -> Pool:
     """How to size a pool of model actors on the current cluster (see `split_cpus` for the CPU case).
 
     Args:
@@ -94,9 +106,6 @@ def actor_resources(
         measure_data_share: called only when the pool runs on CPUs; returns the fraction of one image's CPU time
             outside the model (the pipelines measure it on a sample, see `restore.data_share`), or None when it
             cannot tell.
-
-    Returns:
-        (actors, use_gpu, torch_threads, cpus_per_actor).
     """
     import ray
 
@@ -106,11 +115,25 @@ def actor_resources(
     if use_gpu and gpus == 0:
         raise ValueError("--gpu was given but the Ray cluster has no GPUs")
     if use_gpu:
-        return workers or gpus, True, 1, 1.0
+        return Pool(workers or gpus, True, 1, 1.0, None, None)
     node_cpus = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
     share = measure_data_share() if measure_data_share is not None else None
     actors, threads, cpus_per_actor = split_cpus(node_cpus or [1.0], workers, share)
-    return actors, False, threads, cpus_per_actor
+    return Pool(actors, False, threads, cpus_per_actor, share, data_task_cap(sum(node_cpus or [1.0]), share))
+
+
+def data_task_cap(cpus: float, data_share: float | None) -> int | None:
+    """Most tasks at once for each data operator (read, decode, encode, write) beside a CPU pool: twice the cores
+    the data side needs (`cpus` x `data_share`), at least 1; None (Ray Data's own limit) when the share is unknown.
+
+    Each task uses a whole core while it runs, whatever it reserves, so that many tasks keep up with the actors.
+    Left to itself, Ray Data runs as many as the CPU slots allow (four quarter-CPU tasks on a core), each in a worker
+    process of its own that has to start (about 2.5 CPU s on a 2-core AMD EPYC) and stays alive with its memory: in
+    a 100,000-image synthesis run on 2 cores it started three processes for writes that one could do.
+    """
+    if data_share is None:
+        return None
+    return max(1, math.ceil(2 * cpus * min(1.0, max(0.0, data_share))))
 
 
 def split_cpus(node_cpus: list[float], workers: int | None, data_share: float | None) -> tuple[int, int, float]:

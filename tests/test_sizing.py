@@ -14,7 +14,7 @@ from PIL import Image
 
 from restoration import data
 from restoration.checkpoint import save_model
-from restoration.cluster import DATA_TASK_CPUS, MAX_CPU_ACTORS, split_cpus
+from restoration.cluster import DATA_TASK_CPUS, MAX_CPU_ACTORS, data_task_cap, split_cpus
 from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.pipelines import restore, synthesize
 
@@ -47,6 +47,21 @@ def test_split_cpus_never_reserves_what_a_data_task_reserves():
     assert (actors, threads) == (4, 1)
     assert cpus_per_actor != DATA_TASK_CPUS and cpus_per_actor == pytest.approx(DATA_TASK_CPUS, rel=0.05)
     assert actors * cpus_per_actor <= 2.0 - 1.0
+
+
+@pytest.mark.parametrize(
+    ("cpus", "share", "expected"),
+    [
+        (2.0, 0.02, 1),  # the fp32 denoiser on 2 cores: one task per data operator is 12x what it needs
+        (2.0, 0.27, 2),  # bf16: about half a core of data work, twice that
+        (64.0, 0.05, 7),  # a cluster: scales with the cores
+        (2.0, 0.0, 1),  # never 0: every operator needs a task
+        (2.0, 3.0, 4),  # a share past 1 counts as 1
+        (2.0, None, None),  # unmeasured (a GPU pool): Ray Data's own limit
+    ],
+)
+def test_data_task_cap_is_twice_the_cores_the_data_side_needs(cpus, share, expected):
+    assert data_task_cap(cpus, share) == expected
 
 
 @pytest.fixture(scope="module")

@@ -168,7 +168,7 @@ def test_actor_rows_are_raw_samples_and_encoding_gives_the_pngs_of_the_generator
 
     actor = GeneratorActor(SynthesizeConfig(model=gan_file, output="unused", count=5, seed=4), run_id="r", threads=1)
     before = time.time()
-    raw = actor(pa.table({"index": pa.array([0, 1, 2, 3, 4], pa.int64())}))
+    raw = actor(pa.table({"start": [0], "stop": [5]}))
     assert raw.schema == PIXELS_SCHEMA and raw.column("channels").to_pylist() == [1] * 5
     stamps = raw.column("generated_at").to_pylist()  # one generator batch: one stamp, taken when it finished
     assert len(set(stamps)) == 1 and before < stamps[0] <= time.time()
@@ -185,6 +185,41 @@ def test_actor_rows_are_raw_samples_and_encoding_gives_the_pngs_of_the_generator
     for image, png in zip(floats, encoded.column("image").to_pylist()[::4], strict=True):
         assert png == codec.encode_png(image)
         assert np.array_equal(np.array(Image.open(io.BytesIO(png))), codec.to_uint(image, 8)[:, :, 0])
+
+
+def test_an_actor_on_cpus_encodes_its_own_pngs_byte_for_byte_as_the_encode_tasks_do(gan_file):
+    import pyarrow as pa
+
+    from restoration.pipelines.synthesize import OUTPUT_SCHEMA, GeneratorActor, encode_images
+
+    config = SynthesizeConfig(model=gan_file, output="unused", count=70, seed=2, batch_size=16)
+    items = pa.table({"start": [3, 40], "stop": [20, 70]})
+    encoded = GeneratorActor(config, run_id="r", threads=1, encode=True)(items)
+    separate = encode_images(GeneratorActor(config, run_id="r", threads=1)(items))
+    assert encoded.schema == OUTPUT_SCHEMA
+    assert encoded.column("index").to_pylist() == list(range(3, 20)) + list(range(40, 70))
+    assert encoded.drop_columns(["generated_at"]).equals(separate.drop_columns(["generated_at"]))
+
+
+@pytest.mark.parametrize(
+    ("count", "done", "longest"),
+    [
+        (10, set(), 4),
+        (10, {0, 1, 5}, 4),  # gaps at the start and in the middle
+        (10, set(range(10)), 3),  # a finished run: nothing left
+        (3_000, {7, 2_999}, 1_024),
+        (5_000, set(range(0, 5_000, 2)), 1),  # every other index: 2,500 runs of one
+    ],
+)
+def test_index_runs_cover_exactly_the_indices_left_to_generate(count, done, longest):
+    from restoration.pipelines.synthesize import RUN_SCHEMA, index_runs
+
+    table = index_runs(count, done, longest)
+    assert table.schema == RUN_SCHEMA
+    runs = table.to_pylist()
+    assert all(0 < run["stop"] - run["start"] <= longest for run in runs)
+    covered = [i for run in runs for i in range(run["start"], run["stop"])]
+    assert covered == [i for i in range(count) if i not in done]
 
 
 def test_vae_rows_come_from_its_mixture_prior_by_seed_and_index_alone(tmp_path):
@@ -205,8 +240,8 @@ def test_vae_rows_come_from_its_mixture_prior_by_seed_and_index_alone(tmp_path):
     save_model(path, "vae", model.config, model)
 
     actor = GeneratorActor(SynthesizeConfig(model=str(path), output="unused", count=6, seed=5), run_id="r", threads=1)
-    rows = actor(pa.table({"index": pa.array([0, 1, 2, 3, 4, 5], pa.int64())}))
-    alone = actor(pa.table({"index": pa.array([4], pa.int64())}))
+    rows = actor(pa.table({"start": [0, 3], "stop": [3, 6]}))  # two runs of indices in one task
+    alone = actor(pa.table({"start": [4], "stop": [5]}))
     assert alone.column("pixels")[0] == rows.column("pixels")[4]
     with torch.inference_mode():
         eps = torch.stack([latent_for(5, i, 8) for i in range(6)]).double()

@@ -550,20 +550,6 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (k < total % parts) for k in range(parts)]
 
 
-def _sized_pool(measure_share: Callable[[], float | None]) -> tuple[tuple[int, bool, int, float], float | None]:
-    """`actor_resources` for a pipeline's default pool, with the data share it measured (None on GPUs, where it is
-    not measured, or when the sample gave none)."""
-    from restoration.cluster import actor_resources
-
-    shares = []
-
-    def measured() -> float | None:
-        shares.append(measure_share())
-        return shares[-1]
-
-    return actor_resources(None, None, measured), (shares[0] if shares else None)
-
-
 def _limit_loop(actor, batches: list, images: int, start: int) -> tuple[int, float]:
     """One stream of `run_limit`: `images` images from batch `start` on. Returns (images, megapixels)."""
     import torch
@@ -748,13 +734,14 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
     """The restore section: limit, ours, naive (and the scale check when asked for)."""
     import torch
 
+    from restoration.cluster import actor_resources
     from restoration.pipelines.restore import RestoreActor, data_share
 
     noisy, _, origin = env["work"]
     # The pool `run_restore` sizes, from the share of the CPU decode and encode take next to the model on this image.
     sample = {"key": noisy[0].key, "image": noisy[0].png}
-    (workers, use_gpu, threads, actor_cpus), share = _sized_pool(
-        lambda: data_share(_restore_config(config, "-", "-"), sample)
+    workers, use_gpu, threads, actor_cpus, share, _ = actor_resources(
+        None, None, lambda: data_share(_restore_config(config, "-", "-"), sample)
     )
     # The model the pipeline's actor runs on these (gray) images; building the actor sets this process's threads.
     channels = codec.decode(noisy[0].png).pixels.shape[2]
@@ -892,6 +879,7 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
     """Raw generator loop vs `run_synthesize` to Parquet on S3, images/s."""
     import torch
 
+    from restoration.cluster import actor_resources
     from restoration.pipelines.synthesize import GeneratorActor, SynthesizeConfig, data_share, run_synthesize
 
     synth_config = SynthesizeConfig(
@@ -901,7 +889,7 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
         batch_size=config.synth_batch_size,
         run_id=f"bench-{env['tag']}",
     )
-    (workers, use_gpu, threads, _), share = _sized_pool(lambda: data_share(synth_config))  # as run_synthesize
+    workers, use_gpu, threads, _, share, _ = actor_resources(None, None, lambda: data_share(synth_config))
     actor = GeneratorActor(synth_config, run_id="raw", threads=threads)
     latent_dim = actor.loaded.config.latent_dim
     generator = actor.module.generator if actor.loaded.kind == "dcgan" else actor.module.decode

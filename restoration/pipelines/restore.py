@@ -631,7 +631,10 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     storage.ensure_bucket(config.output)
 
     init_ray()
-    ds = data.read_images(config.input, extra_columns=("reference",), num_cpus=DATA_TASK_CPUS)
+    workers, use_gpu, threads, actor_cpus, _, data_tasks = actor_resources(
+        config.workers, config.gpu, lambda: data_share(config, data.first_row(config.input, ("reference",)))
+    )
+    ds = data.read_images(config.input, extra_columns=("reference",), num_cpus=DATA_TASK_CPUS, concurrency=data_tasks)
     ds.context.target_max_block_size = BLOCK_BYTES  # this run's own copy of the context
     rows_in = data.count_rows(config.input)  # from the Parquet footers: ds.count() would run the read once more
 
@@ -647,15 +650,13 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     if done:
         done_ref = ray.put(done)
         ds = ds.filter(lambda row, d=done_ref: row["key"] not in ray.get(d))  # noqa: B008
-    workers, use_gpu, threads, actor_cpus = actor_resources(
-        config.workers, config.gpu, lambda: data_share(config, data.first_row(config.input, ("reference",)))
-    )
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"degradation": config.degrade, "seed": config.seed, "max_pixels": config.max_pixels},
         batch_format="pyarrow",
         batch_size=config.batch_size,
         num_cpus=DATA_TASK_CPUS,  # unlike the actors' reservation, so Ray Data does not fuse decode into the actor
+        concurrency=data_tasks,
     )
     # One model batch per block: an actor task takes a whole block, and blocks of BLOCK_BYTES hold hundreds of small
     # images, so a few blocks would leave all but one or two actors of the pool idle.
@@ -685,8 +686,11 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         batch_format="pyarrow",
         batch_size=config.batch_size,
         num_cpus=DATA_TASK_CPUS,
+        concurrency=data_tasks,
     )
-    t_write, t_commit = write_attempt(ds, staging, out_uri, "restore", run_id, min_rows_per_file=256)
+    t_write, t_commit = write_attempt(
+        ds, staging, out_uri, "restore", run_id, min_rows_per_file=256, concurrency=data_tasks
+    )
     t_summary = time.perf_counter()
 
     # The manifest counts what is really in the output (earlier attempts of a resumed run included).
@@ -735,7 +739,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         model_applied=dict(Counter(v for v in written.column("model_applied").to_pylist() if v is not None)),
         duplicates=written.num_rows - len(set(written.column("key").to_pylist())),
         phase_seconds=phases,
-        config=asdict(config) | {"run_id": run_id, "workers": workers, "gpu": use_gpu},
+        config=asdict(config) | {"run_id": run_id, "workers": workers, "gpu": use_gpu, "data_tasks": data_tasks},
     )
     storage.write_bytes(storage.join(out_uri, "_manifest.json"), json.dumps(asdict(report), indent=2).encode())
     return report
@@ -752,11 +756,12 @@ def staging_dir(output: str, run_id: str) -> str:
 
 
 def write_attempt(
-    ds, staging: str, out_uri: str, kind: str, run_id: str, min_rows_per_file: int
+    ds, staging: str, out_uri: str, kind: str, run_id: str, min_rows_per_file: int, concurrency: int | None = None
 ) -> tuple[float, float]:
     """Write `ds` as one attempt under `staging`, then commit its files into the run folder `out_uri`.
 
-    The write reserves DATA_TASK_CPUS like the encoding operator before it, so the two fuse into one task.
+    The write reserves DATA_TASK_CPUS, at most `concurrency` tasks at once (`cluster.data_task_cap`), like the
+    encoding operator before it, so the two fuse into one task (Ray Data fuses only equal reservations and caps).
 
     Returns:
         The `time.perf_counter()` readings at which the write and the commit began.
@@ -772,6 +777,7 @@ def write_attempt(
             filesystem=attempt_fs,
             min_rows_per_file=min_rows_per_file,
             ray_remote_args={"num_cpus": DATA_TASK_CPUS},
+            concurrency=concurrency,
         )
     except Exception as e:  # a task failed for good: nothing of this attempt reaches the run folder
         raise run_failure(kind, run_id, e) from None

@@ -1,4 +1,4 @@
-"""The synthesis pipeline: items → generator actors (GAN / VAE) → PNG tasks → Parquet under OUT/run_id=<id>/.
+"""The synthesis pipeline: items → generator actors (GAN / VAE) → PNG → Parquet under OUT/run_id=<id>/.
 
     sample:       range(N) → z_i from a generator seeded by (seed, i) alone → G(z_i), or decode(z_i) with z_i
                   mapped to the VAE's sampling prior (its fitted mixture, or N(0, I))
@@ -61,13 +61,17 @@ OUTPUT_SCHEMA = pa.schema(
         ("generated_at", pa.float64()),
     ]
 )
-# What the generator actors emit: OUTPUT_SCHEMA with the image as raw uint8 samples (height, width, channels), which
-# `encode_images` turns into PNG in tasks of their own, so the actor's core does nothing but run the generator.
+# What the generator runs give: OUTPUT_SCHEMA with the image as raw uint8 samples (height, width, channels), which
+# `encode_images` turns into PNG, inside the actor on CPUs and in tasks of its own beside a GPU actor.
 PIXELS_SCHEMA = pa.schema(
     [f for f in OUTPUT_SCHEMA if f.name != "image"]
     + [pa.field("pixels", pa.binary()), pa.field("channels", pa.int32())]
 )
-# What the actors receive: one row per output image (sample) or per input item (interpolate, reconstruct).
+# What the actors receive in sample mode: runs of consecutive output indices [start, stop), one actor task's worth
+# each (see `task_rows`), made on the driver, so no read tasks (and no worker processes for them) stand between the
+# start of a run and its first generator batch.
+RUN_SCHEMA = pa.schema([("start", pa.int64()), ("stop", pa.int64())])
+# What they receive in the other modes: one row per input item.
 ITEM_SCHEMA = pa.schema(
     [
         ("index", pa.int64()),  # first output index of the item
@@ -163,9 +167,10 @@ def slerp(a, b, alpha: float):
 
 
 class GeneratorActor:
-    """Holds one generator on its device; maps a batch of items to PIXELS_SCHEMA rows (quantised, not yet encoded)."""
+    """Holds one generator on its device; maps a batch of items (RUN_SCHEMA in sample mode, ITEM_SCHEMA otherwise)
+    to PIXELS_SCHEMA rows (quantised, not yet encoded), or with `encode` to OUTPUT_SCHEMA rows (PNG)."""
 
-    def __init__(self, config: SynthesizeConfig, run_id: str, threads: int | None = None) -> None:
+    def __init__(self, config: SynthesizeConfig, run_id: str, threads: int | None = None, encode: bool = False) -> None:
         import torch
 
         from restoration.checkpoint import model_label
@@ -175,7 +180,7 @@ class GeneratorActor:
         prioritise_model_actor()
         if threads:
             torch.set_num_threads(threads)
-        self.config, self.run_id = config, run_id
+        self.config, self.run_id, self.encode = config, run_id, encode
         self.loaded = load_generator(config.model, config.mode)
         self.device = default_device()
         self.dtype = {"float64": torch.float64, "float32": torch.float32, "bf16": torch.float32}[config.precision]
@@ -188,11 +193,13 @@ class GeneratorActor:
         rows: list[dict] = []
         with torch.inference_mode():
             if self.config.mode == "sample":
-                self._sample(items.column("index").to_pylist(), rows)
+                runs = zip(items.column("start").to_pylist(), items.column("stop").to_pylist(), strict=True)
+                self._sample([i for start, stop in runs for i in range(start, stop)], rows)
             else:
                 for item in items.to_pylist():
                     self._from_inputs(item, rows)
-        return pa.Table.from_pylist(rows, schema=PIXELS_SCHEMA)
+        pixels = pa.Table.from_pylist(rows, schema=PIXELS_SCHEMA)
+        return encode_images(pixels) if self.encode else pixels
 
     # ------------------------------------------------------------------------------------------------ modes
     def _sample(self, indices: list[int], rows: list[dict]) -> None:
@@ -314,6 +321,20 @@ def task_rows(config: SynthesizeConfig, image_size: int, workers: int) -> int:
     return batches * config.batch_size
 
 
+def index_runs(count: int, done: set[int], longest: int) -> pa.Table:
+    """The indices in [0, count) not in `done`, as RUN_SCHEMA rows of at most `longest` consecutive indices each."""
+    done_sorted = np.array(sorted(done), dtype=np.int64)
+    gap_starts = np.concatenate([[0], done_sorted + 1])
+    gap_stops = np.concatenate([done_sorted, [count]])
+    keep = gap_stops > gap_starts
+    gap_starts, gap_stops = gap_starts[keep], gap_stops[keep]
+    pieces = -(-(gap_stops - gap_starts) // longest)  # runs per gap, rounded up
+    first_piece = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    starts = np.repeat(gap_starts, pieces) + longest * (np.arange(pieces.sum()) - first_piece)
+    stops = np.minimum(starts + longest, np.repeat(gap_stops, pieces))
+    return pa.table([pa.array(starts, pa.int64()), pa.array(stops, pa.int64())], schema=RUN_SCHEMA)
+
+
 def data_share(config: SynthesizeConfig) -> float | None:
     """In sample mode, the fraction of an image's CPU time PNG encoding takes next to the generator, measured here on
     one thread on a batch of `config.batch_size` (`actor_resources` splits the cores by it); None in the other modes,
@@ -323,7 +344,7 @@ def data_share(config: SynthesizeConfig) -> float | None:
     if config.mode != "sample":
         return None
     actor = GeneratorActor(config, run_id="share")
-    items = pa.table({"index": pa.array(range(config.batch_size), pa.int64())})
+    items = pa.table({"start": [0], "stop": [config.batch_size]}, schema=RUN_SCHEMA)
     pixels = actor(items)  # the generator's warm-up
     encode_images(pixels)  # the encoder's
     return measure_share(lambda: actor(items), lambda: encode_images(pixels))
@@ -433,37 +454,42 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
     remove_tree(staging)
 
     init_ray()
-    workers, use_gpu, threads, actor_cpus = actor_resources(config.workers, config.gpu, lambda: data_share(config))
+    workers, use_gpu, threads, actor_cpus, _, data_tasks = actor_resources(
+        config.workers, config.gpu, lambda: data_share(config)
+    )
     if config.mode == "sample":
         requested = config.count
-        ds = ray.data.range(config.count, override_num_blocks=max(1, min(1000, config.count // 4096 + workers)))
-        ds = ds.map_batches(lambda t: pa.table({"index": t["id"]}), batch_format="pyarrow")
-        if done:
-            done_ref = ray.put(np.fromiter(done, dtype=np.int64))
-            ds = ds.map_batches(_drop_done, fn_kwargs={"done": done_ref}, batch_format="pyarrow")
+        runs = index_runs(config.count, done, task_rows(config, loaded.config.image_size, workers))
+        # Blocks built on the driver (`from_arrow` would start a metadata task per block), up to 1,000: Ray Data
+        # hands an actor a block at a time, so every actor needs blocks of its own.
+        blocks = min(runs.num_rows, 1000)
+        ds = ray.data.from_items(runs.to_pylist(), override_num_blocks=blocks) if blocks else None
     else:
         items, requested = _items(config)
         items = [it for it in items if it["index"] not in done]
         ds = ray.data.from_arrow(pa.Table.from_pylist(items, schema=ITEM_SCHEMA)) if items else None
     t_write = t_commit = time.perf_counter()  # stay so when a resumed run has nothing left to write
     if ds is not None:
+        # On CPUs the actors encode their own PNGs: the cores are shared by every stage anyway, and a separate encode
+        # task costs more than the encoding (the hand-off of every image through the object store, a worker process
+        # and Ray Data's handling of each task). A GPU actor hands its samples to PNG tasks on the CPUs instead, so
+        # the GPU never waits on them.
         ds = ds.map_batches(
             GeneratorActor,
-            fn_constructor_kwargs={"config": config, "run_id": run_id, "threads": threads},
+            fn_constructor_kwargs={"config": config, "run_id": run_id, "threads": threads, "encode": not use_gpu},
             compute=ray.data.ActorPoolStrategy(size=workers),
-            batch_size=(
-                task_rows(config, loaded.config.image_size, workers)
-                if config.mode == "sample"
-                else max(1, config.batch_size // config.steps)
-            ),
+            batch_size=1 if config.mode == "sample" else max(1, config.batch_size // config.steps),
             batch_format="pyarrow",
             num_cpus=actor_cpus,
             num_gpus=1 if use_gpu else 0,
         )
-        # Encoding reserves less than an actor, so Ray Data keeps it out of the actor (it fuses operators only when
-        # their reservations match) and runs it next to the generator instead of between its batches.
-        ds = ds.map_batches(encode_images, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
-        t_write, t_commit = write_attempt(ds, staging, out_uri, "synthesis", run_id, min_rows_per_file=4096)
+        if use_gpu:
+            # Encoding reserves less than an actor, so Ray Data keeps it out of the actor (it fuses operators only
+            # when their reservations match).
+            ds = ds.map_batches(encode_images, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
+        t_write, t_commit = write_attempt(
+            ds, staging, out_uri, "synthesis", run_id, min_rows_per_file=4096, concurrency=data_tasks
+        )
     t_summary = time.perf_counter()
 
     written = read_output(out_uri, ["index", "error"], OUTPUT_SCHEMA)
@@ -488,18 +514,11 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
         model_sha256=loaded.sha256,
         complete=written.num_rows == requested,
         phase_seconds=phases,
-        config=asdict(config) | {"run_id": run_id, "workers": workers, "gpu": use_gpu},
+        config=asdict(config) | {"run_id": run_id, "workers": workers, "gpu": use_gpu, "data_tasks": data_tasks},
     )
     manifest = asdict(report) | {"written_at": datetime.now(timezone.utc).isoformat()}
     storage.write_bytes(storage.join(out_uri, "_manifest.json"), json.dumps(manifest, indent=2).encode())
     return report
-
-
-def _drop_done(batch: pa.Table, done) -> pa.Table:
-    import ray
-
-    done_ids = ray.get(done) if isinstance(done, ray.ObjectRef) else done
-    return batch.filter(pc.invert(pc.is_in(batch.column("index"), value_set=pa.array(done_ids))))
 
 
 def _write_preview(out_uri: str, n: int = 64) -> None:
