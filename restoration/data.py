@@ -349,11 +349,7 @@ def holdout_split(batch: pa.Table, held_out_rows: bool) -> pa.Table:
 
 
 def read_images(
-    uri: str,
-    extra_columns: tuple[str, ...] = (),
-    num_cpus: float | None = None,
-    holdout: bool | None = None,
-    concurrency: int | None = None,
+    uri: str, extra_columns: tuple[str, ...] = (), num_cpus: float | None = None, holdout: bool | None = None
 ):
     """A Ray Dataset of `key`, `image` (encoded bytes) and those of `extra_columns` the input has.
 
@@ -365,7 +361,6 @@ def read_images(
         holdout: True keeps only the validation holdout (`held_out`), False all but it, None everything. A folder
             is split by file name before anything is read, so the holdout of 1,000,000 files reads 50,000 of them;
             shards are split row by row as they are read.
-        concurrency: most read tasks at once (None: Ray Data's default; see `cluster.data_task_cap`).
     """
     import pyarrow.compute as pc
     import ray
@@ -373,8 +368,6 @@ def read_images(
     kind, files = input_files(uri)
     fs, root = storage.resolve(uri)
     remote = {"num_cpus": num_cpus} if num_cpus is not None else {}
-    if concurrency is not None:
-        remote["concurrency"] = concurrency
     if kind == "parquet":
         # Both are read by Ray Data in this process, when it plans the read.
         if _USER_FOOTER_ACTORS is None:

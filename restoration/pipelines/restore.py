@@ -631,10 +631,10 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     storage.ensure_bucket(config.output)
 
     init_ray()
-    workers, use_gpu, threads, actor_cpus, _, data_tasks = actor_resources(
+    workers, use_gpu, threads, actor_cpus, _, _ = actor_resources(
         config.workers, config.gpu, lambda: data_share(config, data.first_row(config.input, ("reference",)))
     )
-    ds = data.read_images(config.input, extra_columns=("reference",), num_cpus=DATA_TASK_CPUS, concurrency=data_tasks)
+    ds = data.read_images(config.input, extra_columns=("reference",), num_cpus=DATA_TASK_CPUS)
     ds.context.target_max_block_size = BLOCK_BYTES  # this run's own copy of the context
     rows_in = data.count_rows(config.input)  # from the Parquet footers: ds.count() would run the read once more
 
@@ -656,7 +656,6 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         batch_format="pyarrow",
         batch_size=config.batch_size,
         num_cpus=DATA_TASK_CPUS,  # unlike the actors' reservation, so Ray Data does not fuse decode into the actor
-        concurrency=data_tasks,
     )
     # One model batch per block: an actor task takes a whole block, and blocks of BLOCK_BYTES hold hundreds of small
     # images, so a few blocks would leave all but one or two actors of the pool idle.
@@ -686,11 +685,8 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         batch_format="pyarrow",
         batch_size=config.batch_size,
         num_cpus=DATA_TASK_CPUS,
-        concurrency=data_tasks,
     )
-    t_write, t_commit = write_attempt(
-        ds, staging, out_uri, "restore", run_id, min_rows_per_file=256, concurrency=data_tasks
-    )
+    t_write, t_commit = write_attempt(ds, staging, out_uri, "restore", run_id, min_rows_per_file=256)
     t_summary = time.perf_counter()
 
     # The manifest counts what is really in the output (earlier attempts of a resumed run included).
@@ -739,7 +735,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         model_applied=dict(Counter(v for v in written.column("model_applied").to_pylist() if v is not None)),
         duplicates=written.num_rows - len(set(written.column("key").to_pylist())),
         phase_seconds=phases,
-        config=asdict(config) | {"run_id": run_id, "workers": workers, "gpu": use_gpu, "data_tasks": data_tasks},
+        config=asdict(config) | {"run_id": run_id, "workers": workers, "gpu": use_gpu},
     )
     storage.write_bytes(storage.join(out_uri, "_manifest.json"), json.dumps(asdict(report), indent=2).encode())
     return report
