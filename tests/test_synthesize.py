@@ -208,6 +208,7 @@ def test_an_actor_on_cpus_encodes_its_own_pngs_byte_for_byte_as_the_encode_tasks
         (10, {0, 1, 5}, 4),  # gaps at the start and in the middle
         (10, set(range(10)), 3),  # a finished run: nothing left
         (3_000, {7, 2_999}, 1_024),
+        (10, {3, 15}, 4),  # a resumed run asked for fewer images than it already holds
         (5_000, set(range(0, 5_000, 2)), 1),  # every other index: 2,500 runs of one
     ],
 )

@@ -631,9 +631,6 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     storage.ensure_bucket(config.output)
 
     init_ray()
-    workers, use_gpu, threads, actor_cpus, _, _ = actor_resources(
-        config.workers, config.gpu, lambda: data_share(config, data.first_row(config.input, ("reference",)))
-    )
     ds = data.read_images(config.input, extra_columns=("reference",), num_cpus=DATA_TASK_CPUS)
     ds.context.target_max_block_size = BLOCK_BYTES  # this run's own copy of the context
     rows_in = data.count_rows(config.input)  # from the Parquet footers: ds.count() would run the read once more
@@ -650,6 +647,9 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     if done:
         done_ref = ray.put(done)
         ds = ds.filter(lambda row, d=done_ref: row["key"] not in ray.get(d))  # noqa: B008
+    workers, use_gpu, threads, actor_cpus, _, _ = actor_resources(
+        config.workers, config.gpu, lambda: data_share(config, data.first_row(config.input, ("reference",)))
+    )
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"degradation": config.degrade, "seed": config.seed, "max_pixels": config.max_pixels},

@@ -323,7 +323,7 @@ def task_rows(config: SynthesizeConfig, image_size: int, workers: int) -> int:
 
 def index_runs(count: int, done: set[int], longest: int) -> pa.Table:
     """The indices in [0, count) not in `done`, as RUN_SCHEMA rows of at most `longest` consecutive indices each."""
-    done_sorted = np.array(sorted(done), dtype=np.int64)
+    done_sorted = np.array(sorted(i for i in done if 0 <= i < count), dtype=np.int64)
     gap_starts = np.concatenate([[0], done_sorted + 1])
     gap_stops = np.concatenate([done_sorted, [count]])
     keep = gap_stops > gap_starts
