@@ -367,6 +367,16 @@ def test_restore_cli_summary_and_clear_errors(s3, ray_cluster, tiny_model, tmp_p
     assert "input not found" in capsys.readouterr().err
 
 
+def noise_shards(folder, uri: str, count: int, side: int, seed: int) -> str:
+    """`count` gray noise PNGs of side x side in `folder`, ingested as shards at `uri` (small enough for one shard)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (side, side), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    data.ingest(str(folder), uri, shard_mb=64)
+    return uri
+
+
 def test_every_actor_of_the_pool_restores_batches_of_one_small_shard(s3, ray_cluster, tmp_path):
     """One shard of small images is one block of hundreds of rows; an actor task takes a whole block, so without the
     pipeline's repartition into model batches a single actor would restore everything while the others idle."""
@@ -374,13 +384,7 @@ def test_every_actor_of_the_pool_restores_batches_of_one_small_shard(s3, ray_clu
 
     from ray.util.state import list_tasks
 
-    rng = np.random.default_rng(5)
-    folder = tmp_path / "small"
-    folder.mkdir()
-    for i in range(24):
-        Image.fromarray(rng.integers(0, 255, (128, 128), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-    shards = s3.uri("pool", "shards")
-    data.ingest(str(folder), shards, shard_mb=64)  # all 24 images in one shard
+    shards = noise_shards(tmp_path / "small", s3.uri("pool", "shards"), count=24, side=128, seed=5)
     assert len(data.shard_files(shards)) == 1
     started_ms = time.time() * 1000
     report = run_restore(
@@ -411,13 +415,7 @@ def test_encoding_fuses_with_the_parquet_write(s3, ray_cluster, tmp_path):
 
     from ray.util.state import list_tasks
 
-    rng = np.random.default_rng(8)
-    folder = tmp_path / "few"
-    folder.mkdir()
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (96, 96), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-    shards = s3.uri("fuse", "shards")
-    data.ingest(str(folder), shards)
+    shards = noise_shards(tmp_path / "few", s3.uri("fuse", "shards"), count=12, side=96, seed=8)
     started_ms = time.time() * 1000
     report = run_restore(RestoreConfig(input=shards, output=s3.uri("fuse", "out"), model="denoise-gray", batch_size=2))
     assert report.rows_in == report.rows_out == report.ok == 12

@@ -55,8 +55,8 @@ def resolve_config(kind: str, preset: str | None, overrides: dict[str, Any]) -> 
 
 
 def build_datasets(kind: str, data: str, val: str | None) -> tuple[dict, list[str]]:
-    """Ray Datasets for a run: "train" (sharded across workers) and "val" (whole on every worker): `val`, or without
-    it the holdout of `data` (one image in 20, see `data.held_out`), which "train" then leaves out."""
+    """Ray Datasets for a run: "train" (sharded across workers) and "val" (not split; rank 0 alone reads it): `val`,
+    or without it the holdout of `data` (one image in 20, see `data.held_out`), which "train" then leaves out."""
     from restoration.data import read_images
 
     sources = {"train": (data, None if val else False), "val": (val, None) if val else (data, True)}
