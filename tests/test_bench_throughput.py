@@ -159,6 +159,11 @@ def test_tiny_benchmark_end_to_end(s3, ray_cluster, tmp_path):
     # What the workers held at one time is at most what they held at their own peaks, and the largest of them is named.
     assert 0 < res["worker_anon_mb_concurrent"] <= res["worker_anon_mb_sum"]
     assert res["largest_worker"]["peak_anon_mb"] == res["worker_anon_mb_max"]
+    # The CPU split by process adds up to the run's CPU and names the model actor's share.
+    split = res["cpu_s_by_role"]
+    assert sum(split.values()) == pytest.approx(throughput._pipeline_cpu(res))
+    assert split["driver"] == res["driver_cpu_s"]
+    assert sum(cpu for role, cpu in split.items() if "RestoreActor" in role) > 0, split
 
     # Every input key came out once, from the pipeline and from the naive script.
     keys = sorted(f"img-{i:06d}.png" for i in range(16))
@@ -184,4 +189,5 @@ def test_tiny_benchmark_end_to_end(s3, ray_cluster, tmp_path):
     assert written["restore"]["limit"]["mp_per_s"] == pytest.approx(restore["limit"]["mp_per_s"])
     md = paths["md"].read_text()
     assert "limit: raw model loop" in md and "run_synthesize" in md
+    assert md.count("CPU s by process: ") == 2  # restore and synthesis
     assert throughput.format_table(result) in md

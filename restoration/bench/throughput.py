@@ -451,6 +451,11 @@ class ResourceSampler:
         workers.sort(key=lambda w: -w["cpu_s"])
         driver_cpu = usage.ru_utime + usage.ru_stime - self._driver_cpu0
         extra_cpu = {name: (_cpu_seconds(pid) or 0.0) - self._extra0[name] for name, pid in self.extra.items()}
+        # Where the CPU went: the driver, the other processes named in `extra`, and the workers by what they ran.
+        by_role = {"driver": driver_cpu, **extra_cpu}
+        for w in workers:
+            role = " + ".join(r.removeprefix("ray::") for r in w["roles"]) or "workers that ran no named task"
+            by_role[role] = by_role.get(role, 0.0) + w["cpu_s"]
         ours_cpu = driver_cpu + sum(w["cpu_s"] for w in workers) + sum(extra_cpu.values())
         self.result = {
             "wall_s": wall,
@@ -473,6 +478,7 @@ class ResourceSampler:
             "top_workers": workers[:6],
             "largest_worker": max(workers, key=lambda w: w["peak_anon_mb"], default=None),  # by private memory
             "other_cpu_s": extra_cpu,
+            "cpu_s_by_role": dict(sorted(by_role.items(), key=lambda kv: -kv[1])),
             "machine_busy_cores": (busy1 - busy0) / (total1 - total0) * cpus if total1 > total0 else None,
             "our_busy_cores": ours_cpu / wall if wall > 0 else None,
             "cpus": cpus,
@@ -1262,6 +1268,16 @@ def _phases(phases: dict) -> str:
     return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()) or "not reported"
 
 
+def _cpu_split(resources: dict, top: int = 6) -> str:
+    """ "  CPU s by process: MapWorker(MapBatches(RestoreActor)) 291.9, driver 9.2, ..." (the `top` largest)."""
+    split = list(resources.get("cpu_s_by_role", {}).items())
+    if not split:
+        return "  CPU s by process: not sampled"
+    shown = ", ".join(f"{role} {cpu:.1f}" for role, cpu in split[:top])
+    rest = sum(cpu for _, cpu in split[top:])
+    return f"  CPU s by process: {shown}" + (f", the rest {rest:.1f}" if len(split) > top else "")
+
+
 def format_table(result: dict) -> str:
     """The human-readable summary: one line per measurement, ratios, memory."""
     lines = []
@@ -1327,6 +1343,7 @@ def format_table(result: dict) -> str:
             f"largest peak {res['worker_peak_mb_max']:.0f} MB (anon {res['worker_anon_mb_max']:.0f} MB), "
             f"sum of peaks {res['worker_peak_mb_sum']:.0f} MB; limit driver peak {limit['driver_peak_mb']:.0f} MB"
         )
+        lines.append(_cpu_split(res))
         if res["gpu_util_mean"] is not None:
             lines.append(f"  GPU utilisation (ours): mean {res['gpu_util_mean']:.0f}%, max {res['gpu_util_max']:.0f}%")
         scale = restore.get("scale_check")
@@ -1387,6 +1404,7 @@ def format_table(result: dict) -> str:
             ),
             f"  run_synthesize phases: {_phases(pipe['phase_seconds'])}; first image {pipe['first_image_s']:.1f} s"
             " after the start",
+            _cpu_split(pipe["resources"]) + f"; the raw loop {raw['cpu_s']:.1f}",
         ]
     training = result.get("training")
     if training:
