@@ -454,7 +454,9 @@ class ResourceSampler:
         # Where the CPU went: the driver, the other processes named in `extra`, and the workers by what they ran.
         by_role = {"driver": driver_cpu, **extra_cpu}
         for w in workers:
-            role = " + ".join(r.removeprefix("ray::") for r in w["roles"]) or "workers that ran no named task"
+            # "ray::_StatsActor.update_execution_metrics" -> "_StatsActor": an actor's methods are one role.
+            names = sorted({re.sub(r"\.\w+$", "", r.removeprefix("ray::")) for r in w["roles"]})
+            role = " + ".join(names) or "workers that ran no named task"
             by_role[role] = by_role.get(role, 0.0) + w["cpu_s"]
         ours_cpu = driver_cpu + sum(w["cpu_s"] for w in workers) + sum(extra_cpu.values())
         self.result = {
