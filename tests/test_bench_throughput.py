@@ -139,6 +139,7 @@ def test_tiny_benchmark_end_to_end(s3, ray_cluster, tmp_path):
         restore["ours"]["end_to_end_mp_per_s"],
         restore["ours"]["steady_mp_per_s"],
         restore["naive"]["mp_per_s"],
+        restore["limit_again"]["mp_per_s"],
         *restore["ratios"].values(),
         synthesis["raw"]["images_per_s"],
         synthesis["pipeline"]["images_per_s"],
@@ -188,6 +189,6 @@ def test_tiny_benchmark_end_to_end(s3, ray_cluster, tmp_path):
     written = json.loads(paths["json"].read_text())
     assert written["restore"]["limit"]["mp_per_s"] == pytest.approx(restore["limit"]["mp_per_s"])
     md = paths["md"].read_text()
-    assert "limit: raw model loop" in md and "run_synthesize" in md
+    assert "limit: raw model loop" in md and "run_synthesize" in md and "limit loop again at the end" in md
     assert md.count("CPU s by process: ") == 2  # restore and synthesis
     assert throughput.format_table(result) in md
