@@ -140,6 +140,7 @@ def test_tiny_benchmark_end_to_end(s3, ray_cluster, tmp_path):
         restore["ours"]["steady_mp_per_s"],
         restore["naive"]["mp_per_s"],
         restore["limit_again"]["mp_per_s"],
+        synthesis["raw_again"]["images_per_s"],
         *restore["ratios"].values(),
         synthesis["raw"]["images_per_s"],
         synthesis["pipeline"]["images_per_s"],
@@ -190,5 +191,6 @@ def test_tiny_benchmark_end_to_end(s3, ray_cluster, tmp_path):
     assert written["restore"]["limit"]["mp_per_s"] == pytest.approx(restore["limit"]["mp_per_s"])
     md = paths["md"].read_text()
     assert "limit: raw model loop" in md and "run_synthesize" in md and "limit loop again at the end" in md
+    assert "raw loop again at the end" in md
     assert md.count("CPU s by process: ") == 2  # restore and synthesis
     assert throughput.format_table(result) in md

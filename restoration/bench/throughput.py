@@ -927,23 +927,36 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
                 generator(z[:n])
                 done += n
 
+    def timed_raw_loops(images: int) -> float:
+        """Seconds for `images` images, one loop per actor of the pipeline, each on its threads (after a warm-up)."""
+        torch.set_num_threads(threads)
+        raw_loop(config.synth_batch_size)
+        _sync(device)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(raw_loop, _split(images, workers)))
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        torch.set_num_threads(env["default_threads"])
+        return seconds
+
     progress(f"synthesis: raw generator loop, {config.synth_count} images, {workers} at once")
-    raw_loop(config.synth_batch_size)  # warm-up
-    _sync(device)
-    t0, cpu0 = time.perf_counter(), _own_cpu()
-    with ThreadPoolExecutor(workers) as pool:  # one loop per actor of the pipeline, each on its threads
-        list(pool.map(raw_loop, _split(config.synth_count, workers)))
-    _sync(device)
-    raw_s, raw_cpu = time.perf_counter() - t0, _own_cpu() - cpu0
+    cpu0 = _own_cpu()
+    raw_s = timed_raw_loops(config.synth_count)
+    raw_cpu = _own_cpu() - cpu0
     done = config.synth_count
-    del actor
-    torch.set_num_threads(env["default_threads"])
 
     progress(f"synthesis: run_synthesize, {config.synth_count} images")
     with ResourceSampler(extra=env["extra_pids"]) as sampler:
         started_at = time.time()
         report = run_synthesize(synth_config)
     steady = synthesis_steady_state(report.output, started_at)
+
+    # The raw loop again, shorter, at the end (see the restore section's limit loop again).
+    progress("synthesis: raw generator loop again")
+    again_images = max(workers * config.synth_batch_size, config.synth_count // 8)
+    again_s = timed_raw_loops(again_images)
+    raw_again = {"images": again_images, "seconds": again_s, "images_per_s": again_images / again_s}
     raw = {
         "images": done,
         "seconds": raw_s,
@@ -972,9 +985,11 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
         "data_share": share,
         "gpu": use_gpu,
         "raw": raw,
+        "raw_again": raw_again,
         "pipeline": pipeline,
         "ratio_pipeline_over_raw": pipeline["images_per_s"] / raw["images_per_s"],
         "ratio_steady_over_raw": pipeline["steady_images_per_s"] / raw["images_per_s"],
+        "ratio_raw_again_over_raw": raw_again["images_per_s"] / raw["images_per_s"],
     }
 
 
@@ -1427,6 +1442,9 @@ def format_table(result: dict) -> str:
             f"  run_synthesize phases: {_phases(pipe['phase_seconds'])}; first image {pipe['first_image_s']:.1f} s"
             " after the start",
             _cpu_split(pipe["resources"]) + f"; the raw loop {raw['cpu_s']:.1f}",
+            f"  raw loop again at the end ({synthesis['raw_again']['images']} images): "
+            f"{_num(synthesis['raw_again']['images_per_s'])} images/s, "
+            f"{_num(synthesis['ratio_raw_again_over_raw'])} x the first (the machine's drift)",
         ]
     training = result.get("training")
     if training:
