@@ -760,13 +760,16 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
 
     # Calibrate: warm-up (one batch; with --compile one of every shape, each compiled on its first), then a few timed
     # batches; raise the count until the model alone needs the minimum.
-    first_of_shape: dict[tuple, tuple] = {}
-    for batch in batches:
-        first_of_shape.setdefault(tuple(batch[2].shape), batch)
-    t_warm = time.perf_counter()
-    for batch in list(first_of_shape.values()) if config.compile else batches[:1]:
-        run_limit(actor, [batch], batch[0])
-    warm_up_s = time.perf_counter() - t_warm
+    def warm_up(actor, batches: list) -> float:
+        first_of_shape: dict[tuple, tuple] = {}
+        for batch in batches:
+            first_of_shape.setdefault(tuple(batch[2].shape), batch)
+        t_warm = time.perf_counter()
+        for batch in list(first_of_shape.values()) if config.compile else batches[:1]:
+            run_limit(actor, [batch], batch[0])
+        return time.perf_counter() - t_warm
+
+    warm_up_s = warm_up(actor, batches)
     calibration = run_limit(actor, batches, CALIBRATION_BATCHES * per_batch * workers, streams=workers)
     count = config.count
     if config.min_model_seconds > 0:
@@ -814,7 +817,7 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
     progress("restore: limit loop again")
     actor = RestoreActor(config.model, threads=threads, precision="auto", compile=config.compile).runner(channels)
     batches = limit_batches(actor, noisy, config.batch_size)
-    run_limit(actor, batches[:1], batches[0][0])  # warm-up
+    warm_up(actor, batches)
     limit_again = run_limit(actor, batches, RECHECK_BATCHES * per_batch * workers, streams=workers)
     del batches, actor
     torch.set_num_threads(env["default_threads"])
@@ -1300,7 +1303,7 @@ def _phases(phases: dict) -> str:
 
 
 def _cpu_split(resources: dict, top: int = 6) -> str:
-    """ "  CPU s by process: MapWorker(MapBatches(RestoreActor)) 291.9, driver 9.2, ..." (the `top` largest)."""
+    """One line of the `top` largest CPU shares by process: "  CPU s by process: MapWorker(...) 291.9, driver 9.2"."""
     split = list(resources.get("cpu_s_by_role", {}).items())
     if not split:
         return "  CPU s by process: not sampled"
