@@ -409,8 +409,8 @@ def test_every_actor_of_the_pool_restores_batches_of_one_small_shard(s3, ray_clu
 
 
 def test_encoding_fuses_with_the_parquet_write(s3, ray_cluster, tmp_path):
-    """The encode operator and the Parquet write reserve the same CPUs and share one cap, so Ray Data fuses them
-    into one task; unfused, every restored batch would go through the object store once more."""
+    """The encode operator and the Parquet write reserve the same CPUs and the same cap (none, in restore), so Ray
+    Data fuses them into one task; unfused, every restored batch would go through the object store once more."""
     import time
 
     from ray.util.state import list_tasks

@@ -459,7 +459,7 @@ class ResourceSampler:
             names = sorted({re.sub(r"\.\w+$", "", r.removeprefix("ray::")) for r in w["roles"]})
             role = " + ".join(names) or "workers that ran no named task"
             by_role[role] = by_role.get(role, 0.0) + w["cpu_s"]
-        ours_cpu = driver_cpu + sum(w["cpu_s"] for w in workers) + sum(extra_cpu.values())
+        ours_cpu = sum(by_role.values())
         self.result = {
             "wall_s": wall,
             "method": self.method,
@@ -752,10 +752,16 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
     workers, use_gpu, threads, actor_cpus, share, _ = actor_resources(
         None, None, lambda: data_share(_restore_config(config, "-", "-"), sample)
     )
-    # The model the pipeline's actor runs on these (gray) images; building the actor sets this process's threads.
+    # The channels of these images (gray here), which pick the model of the family the actor runs.
     channels = codec.decode(noisy[0].png).pixels.shape[2]
-    actor = RestoreActor(config.model, threads=threads, precision="auto", compile=config.compile).runner(channels)
-    batches = limit_batches(actor, noisy, config.batch_size)
+
+    def limit_model() -> tuple:
+        """The model the pipeline's actor runs on these images (building it sets this process's threads), and the
+        pre-decoded batches of the limit loop."""
+        actor = RestoreActor(config.model, threads=threads, precision="auto", compile=config.compile).runner(channels)
+        return actor, limit_batches(actor, noisy, config.batch_size)
+
+    actor, batches = limit_model()
     per_batch = max(n for n, _, _ in batches)
 
     # Calibrate: warm-up (one batch; with --compile one of every shape, each compiled on its first), then a few timed
@@ -815,8 +821,7 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
     # A shared VM's speed drifts by tens of percent within minutes, and ours ran minutes after the limit: a shorter
     # limit loop at the end brackets the runs, so a ratio off by the drift shows as such.
     progress("restore: limit loop again")
-    actor = RestoreActor(config.model, threads=threads, precision="auto", compile=config.compile).runner(channels)
-    batches = limit_batches(actor, noisy, config.batch_size)
+    actor, batches = limit_model()
     warm_up(actor, batches)
     limit_again = run_limit(actor, batches, RECHECK_BATCHES * per_batch * workers, streams=workers)
     del batches, actor
@@ -1304,9 +1309,7 @@ def _phases(phases: dict) -> str:
 
 def _cpu_split(resources: dict, top: int = 6) -> str:
     """One line of the `top` largest CPU shares by process: "  CPU s by process: MapWorker(...) 291.9, driver 9.2"."""
-    split = list(resources.get("cpu_s_by_role", {}).items())
-    if not split:
-        return "  CPU s by process: not sampled"
+    split = list(resources["cpu_s_by_role"].items())
     shown = ", ".join(f"{role} {cpu:.1f}" for role, cpu in split[:top])
     rest = sum(cpu for _, cpu in split[top:])
     return f"  CPU s by process: {shown}" + (f", the rest {rest:.1f}" if len(split) > top else "")
