@@ -81,8 +81,7 @@ def prioritise_model_actor() -> int:
 # Ray keeps for them: each stays alive with 170 to 250 MB of private memory (`ray.data` alone is about 90 MB). At 0.25
 # four ran at once, and a 2,560-image restore on 2 cores kept one or two more of them alive than a 256-image one did:
 # the workers together held 40 to 50 % more at their worst. With two at once it was 28 to 29 % (1,014 -> 1,295 MB at
-# 0.4), the 2,560 images took 364 to 383 s instead of 377 to 393 s, and the private memory of every worker the run
-# started, summed, fell by a third.
+# 0.4), and the 2,560 images took 364 to 383 s against 377 to 393 s.
 DATA_TASK_CPUS = 0.4
 
 # Most model actors a CPU pool gets; past it, actors get more torch threads instead. Each actor holds its own copy of
