@@ -15,6 +15,11 @@ from typing import NamedTuple
 _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
+def forwarded_env() -> dict[str, str]:
+    """The driver's S3 endpoint and region settings, which every worker of the job needs as well."""
+    return {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+
+
 class ClusterError(ValueError):
     """The Ray cluster cannot be reached or cannot run what was asked."""
 
@@ -30,7 +35,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
-    env_vars = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    env_vars = forwarded_env()
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # Inside a submitted job the job's runtime_env already reaches every worker, and Ray refuses to merge a
         # second one into it.

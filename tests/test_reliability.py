@@ -284,7 +284,7 @@ def test_store_outage_mid_run_completes_or_resumes_without_loss(s3, ray_cluster,
     # readers ignore the context's `retried_io_errors` and retry with its defaults (10 attempts, about 155 s of
     # back-off), so a setup hook cuts those defaults in every worker of the drill's job as well.
     drill = (
-        "import os, sys, ray, ray.data\n"
+        "import sys, ray, ray.data\n"
         "from restoration import cluster, storage\n"
         "from restoration.cli import main\n"
         "def no_io_retries():\n"
@@ -292,8 +292,8 @@ def test_store_outage_mid_run_completes_or_resumes_without_loss(s3, ray_cluster,
         "    ray.data.context.DEFAULT_RETRIED_IO_ERRORS = ()\n"
         "storage.S3_RETRY_ATTEMPTS = 1\n"
         "ray.data.DataContext.get_current().retried_io_errors = []\n"
-        "env = {k: os.environ[k] for k in cluster._FORWARDED_ENV if os.environ.get(k)}\n"
-        "ray.init(runtime_env={'env_vars': env, 'worker_process_setup_hook': no_io_retries}, logging_level='WARNING')\n"
+        "env = {'env_vars': cluster.forwarded_env(), 'worker_process_setup_hook': no_io_retries}\n"
+        "ray.init(runtime_env=env, logging_level='WARNING')\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     args = ["restore", shards, out, "--model", restorer_file, "--run-id", "b", "--batch-size", "8"]
