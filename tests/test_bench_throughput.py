@@ -115,6 +115,35 @@ def test_sampler_sees_the_driver_peak_of_its_own_block():
     assert sampler.result["wall_s"] > 0 and sampler.result["driver_cpu_s"] >= 0
 
 
+def test_sampler_window_splits_out_the_cpu_of_a_stretch_of_its_block():
+    """The steady-state split (`steady_cpu`) rests on `window`: CPU burnt by the driver between two times is found
+    there, and not in the idle stretch before it."""
+    with throughput.ResourceSampler() as sampler:
+        begin = time.time()
+        time.sleep(1.5)
+        t0, cpu0 = time.time(), time.process_time()
+        while time.process_time() - cpu0 < 3.0:  # 3 s of CPU on this thread
+            sum(range(10_000))
+        t1 = time.time()
+        time.sleep(0.6)
+    idle, busy = sampler.window(begin, t0), sampler.window(t0, t1)
+    assert idle["seconds"] > 0.4 and idle["cpu_s_by_role"]["driver"] < 0.2 * idle["seconds"]
+    # The window runs from the first sample after t0 to the last before t1, samples SAMPLE_INTERVAL_S apart: it
+    # misses at most that much wall time (and one core's CPU in it) at either end.
+    assert t0 <= busy["from"] < busy["to"] <= t1
+    assert 3.0 - 2 * (throughput.SAMPLE_INTERVAL_S + 0.3) < busy["cpu_s_by_role"]["driver"] < 3.3
+    assert sampler.window(t1 + 60, t1 + 70) is None  # no samples there
+
+    # steady_cpu: rows stamped inside the window count, and the "model" role's cores are the driver's here.
+    stamps = np.linspace(t0, t1, 21)
+    steady = throughput.steady_cpu(sampler, stamps, np.full(21, 2.0), model="driver")
+    inside = (stamps > busy["from"]) & (stamps <= busy["to"])
+    assert steady["work"] == 2.0 * inside.sum() and 0 < inside.sum() < 21
+    assert steady["model_cores"] == pytest.approx(busy["cpu_s_by_role"]["driver"] / busy["seconds"])
+    assert steady["work_per_model_cpu_s"] == pytest.approx(steady["work"] / busy["cpu_s_by_role"]["driver"])
+    assert throughput.steady_cpu(sampler, stamps, np.ones(21), model="NoSuchActor")["work_per_model_cpu_s"] is None
+
+
 # --------------------------------------------------------------------------------------- end to end, Ray + S3
 @pytest.mark.slow
 def test_tiny_benchmark_end_to_end(s3, ray_cluster, tmp_path):
@@ -185,6 +214,8 @@ def test_tiny_benchmark_end_to_end(s3, ray_cluster, tmp_path):
     assert pipe["steady_batches"] == len(set(synth.column("generated_at").to_pylist())) == 256 // 64
     assert pipe["steady_valid"] and 0 < pipe["first_image_s"] < pipe["seconds"]
     assert pipe["steady_images_per_s"] == pytest.approx(192 / pipe["steady_span_s"])
+    # A steady state this short may fall between two samples; where the sampler saw it, the generator worked in it.
+    assert pipe["steady_cpu"] is None or pipe["steady_cpu"]["model_cores"] > 0
 
     # The report files hold the same numbers.
     written = json.loads(paths["json"].read_text())

@@ -338,6 +338,9 @@ class ResourceSampler:
         self._state_checked = 0.0
         self._gpu: list[float] = []
         self._live_anon_peak = 0  # the most private memory the workers held at one time (one sample)
+        # Every sample's cumulative CPU seconds (Unix time, driver, {worker pid: cpu}, {extra name: cpu}, machine
+        # (busy, total) jiffies), so that `window` can split any stretch of the run, not just all of it.
+        self._timeline: list[tuple[float, float, dict[int, float], dict[str, float], tuple[float, float]]] = []
 
     @staticmethod
     def _find_raylet() -> int | None:
@@ -382,12 +385,14 @@ class ResourceSampler:
 
     def _sample(self) -> None:
         live_anon = 0
+        worker_cpu: dict[int, float] = {}
         for pid in self._worker_pids():
             status = _read_status(pid)
             cpu = _cpu_seconds(pid)
             if not status or cpu is None:
                 continue
             live_anon += status.get("RssAnon", 0)
+            worker_cpu[pid] = cpu
             w = self._workers.setdefault(pid, {"cpu0": 0.0, "cpu": 0.0, "hwm": 0, "anon": 0, "titles": set()})
             w["cpu"], w["nice"] = cpu, _nice(pid)
             w["hwm"] = max(w["hwm"], status.get("VmHWM", 0))
@@ -396,6 +401,8 @@ class ResourceSampler:
             if title.startswith("ray::") and not title.startswith(_BORING_TITLES):
                 w["titles"].add(re.sub(r"\)\.\w+$", ")", title))  # "ray::MapWorker(...).submit": the method goes
         self._live_anon_peak = max(self._live_anon_peak, live_anon)
+        extra_cpu = {name: _cpu_seconds(pid) or 0.0 for name, pid in self.extra.items()}
+        self._timeline.append((time.time(), _own_cpu(), worker_cpu, extra_cpu, _machine_cpu()))
         if self._cuda:
             util = _gpu_utilization()
             if util is not None:
@@ -455,9 +462,7 @@ class ResourceSampler:
         # Where the CPU went: the driver, the other processes named in `extra`, and the workers by what they ran.
         by_role = {"driver": driver_cpu, **extra_cpu}
         for w in workers:
-            # "ray::_StatsActor.update_execution_metrics" -> "_StatsActor": an actor's methods are one role.
-            names = sorted({re.sub(r"\.\w+$", "", r.removeprefix("ray::")) for r in w["roles"]})
-            role = " + ".join(names) or "workers that ran no named task"
+            role = _role(w["roles"])
             by_role[role] = by_role.get(role, 0.0) + w["cpu_s"]
         ours_cpu = sum(by_role.values())
         self.result = {
@@ -488,6 +493,65 @@ class ResourceSampler:
             "gpu_util_mean": float(np.mean(self._gpu)) if self._gpu else None,
             "gpu_util_max": float(np.max(self._gpu)) if self._gpu else None,
         }
+
+    def window(self, start: float, stop: float) -> dict | None:
+        """Where the CPU went between Unix times `start` and `stop`: the stretch between the first sample at or after
+        `start` and the last at or before `stop` (None when fewer than two samples fall inside).
+
+        Returns:
+            {"from", "to", "seconds", "cpu_s_by_role" (as in `result`), "machine_busy_cores"}.
+        """
+        inside = [s for s in self._timeline if start <= s[0] <= stop]
+        if len(inside) < 2:
+            return None
+        (t0, driver0, workers0, extra0, machine0), (t1, driver1, workers1, extra1, machine1) = inside[0], inside[-1]
+        by_role = {"driver": driver1 - driver0}
+        by_role.update({name: extra1[name] - extra0.get(name, 0.0) for name in extra1})
+        for pid, cpu in workers1.items():
+            role = _role(self._workers[pid]["titles"])
+            by_role[role] = by_role.get(role, 0.0) + cpu - workers0.get(pid, self._workers[pid]["cpu0"])
+        busy, total = machine1[0] - machine0[0], machine1[1] - machine0[1]
+        return {
+            "from": t0,
+            "to": t1,
+            "seconds": t1 - t0,
+            "cpu_s_by_role": dict(sorted(by_role.items(), key=lambda kv: -kv[1])),
+            "machine_busy_cores": busy / total * (os.cpu_count() or 1) if total > 0 else None,
+        }
+
+
+def _role(titles: set[str] | list[str]) -> str:
+    """A worker's role from the Ray titles it ran: "ray::_StatsActor.update_execution_metrics" -> "_StatsActor" (an
+    actor's methods are one role), several roles joined by " + "."""
+    names = sorted({re.sub(r"\.\w+$", "", t.removeprefix("ray::")) for t in titles})
+    return " + ".join(names) or "workers that ran no named task"
+
+
+def steady_cpu(sampler: ResourceSampler, stamps: np.ndarray, work: np.ndarray, model: str) -> dict | None:
+    """Where the CPU went in a run's steady state, and what the model actors got done with their share.
+
+    Args:
+        sampler: the sampler that watched the run.
+        stamps: per-row completion stamps (Unix seconds, one per model batch), as `steady_timeline` takes them.
+        work: per-row work (megapixels or images) in the same order.
+        model: a name in the model actors' role ("RestoreActor", "GeneratorActor").
+    Returns:
+        `ResourceSampler.window` over the steady state, plus "work" (rows finished inside it), "model_cores" (the
+        model actors' CPU seconds per second) and "work_per_model_cpu_s"; None when the sampler saw too little of it.
+    """
+    if not len(stamps):
+        return None
+    window = sampler.window(float(stamps.min()), float(stamps.max()))
+    if window is None:
+        return None
+    done = float(work[(stamps > window["from"]) & (stamps <= window["to"])].sum())
+    model_cpu = sum(cpu for role, cpu in window["cpu_s_by_role"].items() if model in role)
+    return {
+        **window,
+        "work": done,
+        "model_cores": model_cpu / window["seconds"],
+        "work_per_model_cpu_s": done / model_cpu if model_cpu > 0 else None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- restore
@@ -661,6 +725,7 @@ def run_ours(
     stamps = np.asarray(written.column("restored_at").to_pylist(), dtype=np.float64)
     # Steady state: what the model stage delivered after its first batch, over the time from that batch to the last.
     span, after_first, batches, valid = steady_timeline(stamps)
+    cpu = steady_cpu(sampler, stamps, pixels / 1e6, "RestoreActor")
     # The write phase split at the first and last restored row: filling the pipeline, steady state, draining it.
     write_start = started_at + report.phase_seconds["setup"]
     write_end = write_start + report.phase_seconds["write"]
@@ -685,6 +750,7 @@ def run_ours(
         "steady_rows_per_s": int(after_first.sum()) / span if span > 0 else float("inf"),
         "steady_batches": batches,
         "steady_valid": valid,
+        "steady_cpu": cpu,
         "workers": report.config.get("workers"),
         "gpu": report.config.get("gpu"),
         "phase_seconds": report.phase_seconds,
@@ -958,7 +1024,7 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
     with ResourceSampler(extra=env["extra_pids"]) as sampler:
         started_at = time.time()
         report = run_synthesize(synth_config)
-    steady = synthesis_steady_state(report.output, started_at)
+    steady = synthesis_steady_state(report.output, started_at, sampler)
 
     # The raw loop again, shorter, at the end (see the restore section's limit loop again).
     progress("synthesis: raw generator loop again")
@@ -998,13 +1064,16 @@ def bench_synthesis(config: ThroughputConfig, env: dict, progress: Callable[[str
         "ratio_pipeline_over_raw": pipeline["images_per_s"] / raw["images_per_s"],
         "ratio_steady_over_raw": pipeline["steady_images_per_s"] / raw["images_per_s"],
         "ratio_raw_again_over_raw": raw_again["images_per_s"] / raw["images_per_s"],
+        "ratio_steady_over_raw_mean": pipeline["steady_images_per_s"]
+        / ((raw["images_per_s"] + raw_again["images_per_s"]) / 2),
     }
 
 
-def synthesis_steady_state(output: str, started_at: float) -> dict:
+def synthesis_steady_state(output: str, started_at: float, sampler: ResourceSampler) -> dict:
     """The synthesis run's timeline from its `generated_at` column (when the generator finished each row's batch):
-    the images after the first generator batch over the span from that batch to the last, and the seconds from the
-    start of `run_synthesize` (Unix time `started_at`) to the first batch."""
+    the images after the first generator batch over the span from that batch to the last, the seconds from the
+    start of `run_synthesize` (Unix time `started_at`) to the first batch, and where the CPU went in between
+    (`steady_cpu`, from the `sampler` that watched the run)."""
     from restoration.pipelines.restore import read_output
     from restoration.pipelines.synthesize import OUTPUT_SCHEMA
 
@@ -1018,6 +1087,7 @@ def synthesis_steady_state(output: str, started_at: float) -> dict:
         "steady_images_per_s": int(after_first.sum()) / span if span > 0 else float("nan"),
         "steady_batches": batches,
         "steady_valid": valid,
+        "steady_cpu": steady_cpu(sampler, at, np.ones(len(at)), "GeneratorActor"),
     }
 
 
@@ -1315,6 +1385,23 @@ def _cpu_split(resources: dict, top: int = 6) -> str:
     return f"  CPU s by process: {shown}" + (f", the rest {rest:.1f}" if len(split) > top else "")
 
 
+def _steady_cpu_line(cpu: dict, unit: str, raw_per_cpu_s: float, raw_name: str, top: int = 5) -> str:
+    """Where the cores went in the steady state (`steady_cpu`), in cores per process, and the model actors' work per
+    CPU second against the raw loop's: a steady state below the raw loop is either CPU the actors did not get or
+    CPU they spent on more than the model."""
+    seconds = cpu["seconds"]
+    split = list(cpu["cpu_s_by_role"].items())
+    shown = ", ".join(f"{role} {c / seconds:.2f}" for role, c in split[:top])
+    rest = sum(c for _, c in split[top:]) / seconds
+    busy = cpu["machine_busy_cores"]
+    return (
+        f"  steady state's cores ({seconds:.0f} s of it): {shown}"
+        + (f", the rest {rest:.2f}" if len(split) > top else "")
+        + (f"; machine {busy:.2f} busy" if busy is not None else "")
+        + f"; the model actors {_num(cpu['work_per_model_cpu_s'])} {unit}/CPU-s, the {raw_name} {_num(raw_per_cpu_s)}"
+    )
+
+
 def format_table(result: dict) -> str:
     """The human-readable summary: one line per measurement, ratios, memory."""
     lines = []
@@ -1387,6 +1474,8 @@ def format_table(result: dict) -> str:
             f"sum of peaks {res['worker_peak_mb_sum']:.0f} MB; limit driver peak {limit['driver_peak_mb']:.0f} MB"
         )
         lines.append(_cpu_split(res))
+        if ours.get("steady_cpu"):
+            lines.append(_steady_cpu_line(ours["steady_cpu"], "MP", limit["megapixels"] / limit["cpu_s"], "limit loop"))
         if res["gpu_util_mean"] is not None:
             lines.append(f"  GPU utilisation (ours): mean {res['gpu_util_mean']:.0f}%, max {res['gpu_util_max']:.0f}%")
         scale = restore.get("scale_check")
@@ -1450,8 +1539,11 @@ def format_table(result: dict) -> str:
             _cpu_split(pipe["resources"]) + f"; the raw loop {raw['cpu_s']:.1f}",
             f"  raw loop again at the end ({synthesis['raw_again']['images']} images): "
             f"{_num(synthesis['raw_again']['images_per_s'])} images/s, "
-            f"{_num(synthesis['ratio_raw_again_over_raw'])} x the first (the machine's drift)",
+            f"{_num(synthesis['ratio_raw_again_over_raw'])} x the first (the machine's drift); the steady state "
+            f"over the mean of the two: {_num(synthesis['ratio_steady_over_raw_mean'])}",
         ]
+        if pipe.get("steady_cpu"):
+            lines.append(_steady_cpu_line(pipe["steady_cpu"], "images", raw["images"] / raw["cpu_s"], "raw loop"))
     training = result.get("training")
     if training:
         ray_train, plain = training["ray_train"], training["plain"]
