@@ -1308,19 +1308,21 @@ def observations(result: dict) -> list[str]:
         fused = sorted({r for w in res["top_workers"] for r in w["roles"] if "->" in r})
         if fused:
             notes.append(f"restore: fused operators seen in the workers' titles: {', '.join(fused)}")
-        actor = next((w for w in res["top_workers"] if any("RestoreActor" in r for r in w["roles"])), None)
-        if actor is not None:
-            busy = actor["cpu_s"] / res["wall_s"]
+        actors = [w for w in res["top_workers"] if any("RestoreActor" in r for r in w["roles"])]
+        actor = actors[0] if actors else None
+        if actors:
+            busy = [w["cpu_s"] / res["wall_s"] for w in actors]
             notes.append(
-                f"restore: the actor process (decode + model) used {busy:.2f} cores over the run "
-                f"({actor['cpu_s']:.0f} CPU s in {res['wall_s']:.0f} s, {restore['actor_threads']} torch thread(s)); "
-                f"the limit loop needed {restore['limit']['cpu_s']:.0f} CPU s for the model alone"
+                f"restore: the {len(actors)} model actor process(es) used {', '.join(f'{b:.2f}' for b in busy)} cores "
+                f"over the run ({sum(w['cpu_s'] for w in actors):.0f} CPU s in {res['wall_s']:.0f} s, "
+                f"{restore['actor_threads']} torch thread(s) each; decoding and encoding run in tasks of their own); "
+                f"the limit loop needed {restore['limit']['cpu_s']:.0f} CPU s for the same images"
             )
         if res["machine_busy_cores"] is not None:
             notes.append(
                 f"restore: the machine was {res['machine_busy_cores']:.2f} of {res['cpus']} cores busy during ours, "
-                f"{res['our_busy_cores']:.2f} of them this benchmark (driver, Ray workers, S3 server); the rest is "
-                "other load"
+                f"{res['our_busy_cores']:.2f} of them this run's driver, Ray workers and S3 server; the rest is "
+                "Ray's own processes (raylet, GCS, dashboard) and other load"
             )
         if ours.get("steady_over_limit"):
             notes.append(
