@@ -1387,10 +1387,10 @@ def _cpu_split(resources: dict, top: int = 6) -> str:
     return f"  CPU s by process: {shown}" + (f", the rest {rest:.1f}" if len(split) > top else "")
 
 
-def _steady_cpu_line(cpu: dict, unit: str, raw_per_cpu_s: float, raw_name: str, top: int = 5) -> str:
+def _steady_cpu_line(cpu: dict, unit: str, raw_rate: float, raw_per_cpu_s: float, raw_name: str, top: int = 5) -> str:
     """Where the cores went in the steady state (`steady_cpu`), in cores per process, and the model actors' work per
-    CPU second against the raw loop's: a steady state below the raw loop is either CPU the actors did not get or
-    CPU they spent on more than the model."""
+    CPU second and cores against the raw loop's: a steady state below the raw loop is either CPU the actors did not
+    get or CPU they spent on more than the model."""
     seconds = cpu["seconds"]
     split = list(cpu["cpu_s_by_role"].items())
     shown = ", ".join(f"{role} {c / seconds:.2f}" for role, c in split[:top])
@@ -1400,7 +1400,8 @@ def _steady_cpu_line(cpu: dict, unit: str, raw_per_cpu_s: float, raw_name: str, 
         f"  steady state's cores ({seconds:.0f} s of it): {shown}"
         + (f", the rest {rest:.2f}" if len(split) > top else "")
         + (f"; machine {busy:.2f} busy" if busy is not None else "")
-        + f"; the model actors {_num(cpu['work_per_model_cpu_s'])} {unit}/CPU-s, the {raw_name} {_num(raw_per_cpu_s)}"
+        + f"; the model actors {_num(cpu['work_per_model_cpu_s'])} {unit}/CPU-s on {cpu['model_cores']:.2f} cores, "
+        f"the {raw_name} {_num(raw_per_cpu_s)} on {raw_rate / raw_per_cpu_s:.2f}"
     )
 
 
@@ -1477,7 +1478,8 @@ def format_table(result: dict) -> str:
         )
         lines.append(_cpu_split(res))
         if ours.get("steady_cpu"):
-            lines.append(_steady_cpu_line(ours["steady_cpu"], "MP", limit["megapixels"] / limit["cpu_s"], "limit loop"))
+            limit_per_cpu_s = limit["megapixels"] / limit["cpu_s"]
+            lines.append(_steady_cpu_line(ours["steady_cpu"], "MP", limit["mp_per_s"], limit_per_cpu_s, "limit loop"))
         if res["gpu_util_mean"] is not None:
             lines.append(f"  GPU utilisation (ours): mean {res['gpu_util_mean']:.0f}%, max {res['gpu_util_max']:.0f}%")
         scale = restore.get("scale_check")
@@ -1545,7 +1547,8 @@ def format_table(result: dict) -> str:
             f"over the mean of the two: {_num(synthesis['ratio_steady_over_raw_mean'])}",
         ]
         if pipe.get("steady_cpu"):
-            lines.append(_steady_cpu_line(pipe["steady_cpu"], "images", raw["images"] / raw["cpu_s"], "raw loop"))
+            raw_per_cpu_s = raw["images"] / raw["cpu_s"]
+            lines.append(_steady_cpu_line(pipe["steady_cpu"], "images", raw["images_per_s"], raw_per_cpu_s, "raw loop"))
     training = result.get("training")
     if training:
         ray_train, plain = training["ray_train"], training["plain"]
