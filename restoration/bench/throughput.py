@@ -29,6 +29,11 @@ Memory: the driver's peak RSS comes from `resource.getrusage` after resetting th
 Ray worker processes, sampled every half second while a run is going (actors exit when their dataset finishes). The
 workers are the children of this driver's raylet, found in `/proc`; when the driver joined an existing cluster, they
 are the local workers listed by the Ray state API (`ray.util.state.list_workers`).
+
+CPU: each pipeline run's CPU seconds are split by process (the driver, the S3 server, the workers by what they ran),
+over the whole run and, on CPUs, over its steady state in cores (`steady_cpu`), beside the model actors' work per
+CPU second and the raw loop's. A steady state below the raw loop is then either cores the actors did not get (the
+driver, the writes, Ray's own processes took them) or CPU they spent on more than the model.
 """
 
 from __future__ import annotations
@@ -1477,7 +1482,7 @@ def format_table(result: dict) -> str:
             f"sum of peaks {res['worker_peak_mb_sum']:.0f} MB; limit driver peak {limit['driver_peak_mb']:.0f} MB"
         )
         lines.append(_cpu_split(res))
-        if ours.get("steady_cpu"):
+        if ours.get("steady_cpu") and not restore["gpu"]:  # on a GPU the model's work is not CPU work
             limit_per_cpu_s = limit["megapixels"] / limit["cpu_s"]
             lines.append(_steady_cpu_line(ours["steady_cpu"], "MP", limit["mp_per_s"], limit_per_cpu_s, "limit loop"))
         if res["gpu_util_mean"] is not None:
@@ -1546,7 +1551,7 @@ def format_table(result: dict) -> str:
             f"{_num(synthesis['ratio_raw_again_over_raw'])} x the first (the machine's drift); the steady state "
             f"over the mean of the two: {_num(synthesis['ratio_steady_over_raw_mean'])}",
         ]
-        if pipe.get("steady_cpu"):
+        if pipe.get("steady_cpu") and not synthesis["gpu"]:
             raw_per_cpu_s = raw["images"] / raw["cpu_s"]
             lines.append(_steady_cpu_line(pipe["steady_cpu"], "images", raw["images_per_s"], raw_per_cpu_s, "raw loop"))
     training = result.get("training")
