@@ -464,11 +464,7 @@ class ResourceSampler:
         workers.sort(key=lambda w: -w["cpu_s"])
         driver_cpu = usage.ru_utime + usage.ru_stime - self._driver_cpu0
         extra_cpu = {name: (_cpu_seconds(pid) or 0.0) - self._extra0[name] for name, pid in self.extra.items()}
-        # Where the CPU went: the driver, the other processes named in `extra`, and the workers by what they ran.
-        by_role = {"driver": driver_cpu, **extra_cpu}
-        for w in workers:
-            role = _role(w["roles"])
-            by_role[role] = by_role.get(role, 0.0) + w["cpu_s"]
+        by_role = self._by_role(driver_cpu, extra_cpu, {w["pid"]: w["cpu_s"] for w in workers})
         ours_cpu = sum(by_role.values())
         self.result = {
             "wall_s": wall,
@@ -491,13 +487,22 @@ class ResourceSampler:
             "top_workers": workers[:6],
             "largest_worker": max(workers, key=lambda w: w["peak_anon_mb"], default=None),  # by private memory
             "other_cpu_s": extra_cpu,
-            "cpu_s_by_role": dict(sorted(by_role.items(), key=lambda kv: -kv[1])),
+            "cpu_s_by_role": by_role,
             "machine_busy_cores": (busy1 - busy0) / (total1 - total0) * cpus if total1 > total0 else None,
             "our_busy_cores": ours_cpu / wall if wall > 0 else None,
             "cpus": cpus,
             "gpu_util_mean": float(np.mean(self._gpu)) if self._gpu else None,
             "gpu_util_max": float(np.max(self._gpu)) if self._gpu else None,
         }
+
+    def _by_role(self, driver: float, extra: dict[str, float], workers: dict[int, float]) -> dict[str, float]:
+        """CPU seconds of the driver, the processes named in `extra` and the workers (pid -> CPU s) by what they ran,
+        largest first."""
+        by_role = {"driver": driver, **extra}
+        for pid, cpu in workers.items():
+            role = _role(self._workers[pid]["titles"])
+            by_role[role] = by_role.get(role, 0.0) + cpu
+        return dict(sorted(by_role.items(), key=lambda kv: -kv[1]))
 
     def window(self, start: float, stop: float) -> dict | None:
         """Where the CPU went between Unix times `start` and `stop`: the stretch between the first sample at or after
@@ -506,21 +511,30 @@ class ResourceSampler:
         Returns:
             {"from", "to", "seconds", "cpu_s_by_role" (as in `result`), "machine_busy_cores"}.
         """
-        inside = [s for s in self._timeline if start <= s[0] <= stop]
+        inside = [i for i, sample in enumerate(self._timeline) if start <= sample[0] <= stop]
         if len(inside) < 2:
             return None
-        (t0, driver0, workers0, extra0, machine0), (t1, driver1, workers1, extra1, machine1) = inside[0], inside[-1]
-        by_role = {"driver": driver1 - driver0}
-        by_role.update({name: extra1[name] - extra0.get(name, 0.0) for name in extra1})
-        for pid, cpu in workers1.items():
-            role = _role(self._workers[pid]["titles"])
-            by_role[role] = by_role.get(role, 0.0) + cpu - workers0.get(pid, self._workers[pid]["cpu0"])
+        (t0, driver0, _, extra0, machine0), (t1, driver1, _, extra1, machine1) = (
+            self._timeline[inside[0]],
+            self._timeline[inside[-1]],
+        )
+        # Each worker's CPU as last seen up to either end: a worker that exits inside the window keeps what it used,
+        # and one that starts inside it counts from its start (`cpu0`, 0 for a process new to the sampler).
+        before: dict[int, float] = {}
+        for sample in self._timeline[: inside[0] + 1]:
+            before.update(sample[2])
+        after: dict[int, float] = {}
+        for sample in self._timeline[inside[0] : inside[-1] + 1]:
+            after.update(sample[2])
+        workers = {pid: cpu - before.get(pid, self._workers[pid]["cpu0"]) for pid, cpu in after.items()}
+        extra = {name: extra1[name] - extra0.get(name, 0.0) for name in extra1}
+        by_role = self._by_role(driver1 - driver0, extra, workers)
         busy, total = machine1[0] - machine0[0], machine1[1] - machine0[1]
         return {
             "from": t0,
             "to": t1,
             "seconds": t1 - t0,
-            "cpu_s_by_role": dict(sorted(by_role.items(), key=lambda kv: -kv[1])),
+            "cpu_s_by_role": by_role,
             "machine_busy_cores": busy / total * (os.cpu_count() or 1) if total > 0 else None,
         }
 
@@ -1384,26 +1398,26 @@ def _phases(phases: dict) -> str:
     return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()) or "not reported"
 
 
+def _top_roles(by_role: dict[str, float], top: int, per: float = 1.0, digits: int = 1) -> str:
+    """The `top` largest entries of a CPU split, each divided by `per`: "MapWorker(...) 291.9, driver 9.2, the rest 3.1"."""
+    split = list(by_role.items())
+    shown = ", ".join(f"{role} {cpu / per:.{digits}f}" for role, cpu in split[:top])
+    rest = sum(cpu for _, cpu in split[top:]) / per
+    return shown + (f", the rest {rest:.{digits}f}" if len(split) > top else "")
+
+
 def _cpu_split(resources: dict, top: int = 6) -> str:
     """One line of the `top` largest CPU shares by process: "  CPU s by process: MapWorker(...) 291.9, driver 9.2"."""
-    split = list(resources["cpu_s_by_role"].items())
-    shown = ", ".join(f"{role} {cpu:.1f}" for role, cpu in split[:top])
-    rest = sum(cpu for _, cpu in split[top:])
-    return f"  CPU s by process: {shown}" + (f", the rest {rest:.1f}" if len(split) > top else "")
+    return f"  CPU s by process: {_top_roles(resources['cpu_s_by_role'], top)}"
 
 
 def _steady_cpu_line(cpu: dict, unit: str, raw_rate: float, raw_per_cpu_s: float, raw_name: str, top: int = 5) -> str:
     """Where the cores went in the steady state (`steady_cpu`), in cores per process, and the model actors' work per
     CPU second and cores against the raw loop's: a steady state below the raw loop is either CPU the actors did not
     get or CPU they spent on more than the model."""
-    seconds = cpu["seconds"]
-    split = list(cpu["cpu_s_by_role"].items())
-    shown = ", ".join(f"{role} {c / seconds:.2f}" for role, c in split[:top])
-    rest = sum(c for _, c in split[top:]) / seconds
-    busy = cpu["machine_busy_cores"]
+    seconds, busy = cpu["seconds"], cpu["machine_busy_cores"]
     return (
-        f"  steady state's cores ({seconds:.0f} s of it): {shown}"
-        + (f", the rest {rest:.2f}" if len(split) > top else "")
+        f"  steady state's cores ({seconds:.0f} s of it): {_top_roles(cpu['cpu_s_by_role'], top, seconds, 2)}"
         + (f"; machine {busy:.2f} busy" if busy is not None else "")
         + f"; the model actors {_num(cpu['work_per_model_cpu_s'])} {unit}/CPU-s on {cpu['model_cores']:.2f} cores, "
         f"the {raw_name} {_num(raw_per_cpu_s)} on {raw_rate / raw_per_cpu_s:.2f}"
