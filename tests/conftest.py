@@ -2,11 +2,15 @@
 
 Tests that need neither never start them (the fixtures are lazy). Datasets come from `../shared/datasets` beside the
 checkout; on a clone without it, the same tests run on photos that ship inside scikit-image, converted to match.
+Fashion-MNIST comes from the Debian package that `make test` installs; every test that needs it takes the
+`fashion_mnist` fixture, which skips with the same reason where the package is missing. The datasets that several
+modules train on or read back (Train400, the Fashion-MNIST test split) are ingested once per session.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+FASHION_MNIST_REASON = "needs the Debian package dataset-fashion-mnist (make test installs it)"
 
 
 @pytest.fixture(scope="session")
@@ -84,6 +89,43 @@ def set12(tmp_path_factory) -> Path:
     if path.is_dir():
         return path
     return _fallback_gray(tmp_path_factory.mktemp("set12"), 256, 12, ("coins", "moon", "brick", "grass", "gravel"))
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist() -> Path:
+    """The Fashion-MNIST idx folder ($RESTORATION_FASHION_MNIST, else the Debian package's); skips where it is missing."""
+    from restoration.fid import fashion_mnist_folder
+
+    path = Path(fashion_mnist_folder())
+    if not path.is_dir():
+        pytest.skip(f"{FASHION_MNIST_REASON}; {path} does not exist")
+    return path
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """Input shards written once for the session: where they are and the ingest's own report."""
+
+    uri: str
+    report: object  # restoration.data.IngestReport
+
+
+@pytest.fixture(scope="session")
+def train400_shards(s3, ray_cluster, train400) -> Ingested:
+    """Train400 as Parquet shards on the embedded S3, in 2 MiB shards (several, so two workers each get some)."""
+    from restoration import data
+
+    uri = s3.uri("shared", "train400")
+    return Ingested(uri, data.ingest(str(train400), uri, shard_mb=2))
+
+
+@pytest.fixture(scope="session")
+def fmnist_test_shards(s3, ray_cluster, fashion_mnist) -> Ingested:
+    """The Fashion-MNIST test split (10,000 labelled images) as 1 MiB Parquet shards, ingested through Ray."""
+    from restoration import data
+
+    uri = s3.uri("shared", "fmnist-test")
+    return Ingested(uri, data.ingest(str(fashion_mnist), uri, split="test", shard_mb=1, executor="ray"))
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,6 @@ from PIL import Image
 
 from restoration import data, sources, storage
 
-FMNIST = Path(sources.FASHION_MNIST_DIR)
-
 
 def read_shards(uri: str):
     fs, _ = storage.resolve(uri)
@@ -25,10 +23,9 @@ def read_shards(uri: str):
     return pa.concat_tables(tables)
 
 
-def test_ingest_train400_is_complete_byte_identical_and_stable(s3, train400):
+def test_ingest_train400_is_complete_byte_identical_and_stable(train400, train400_shards):
     files = sorted(p for p in train400.rglob("*") if p.is_file())
-    uri = s3.uri("ingest", "train400")
-    first = data.ingest(str(train400), uri, shard_mb=2)
+    uri, first = train400_shards.uri, train400_shards.report  # the session's ingest, which test_train.py trains on
     assert first.rows == len(files) and not first.errors
     assert len(first.shards) > 1  # 2 MiB shards split the folder
     table = read_shards(uri)
@@ -51,21 +48,17 @@ def test_ingest_train400_is_complete_byte_identical_and_stable(s3, train400):
     assert manifest["rows"] == len(files) and manifest["errors"] == 0
 
 
-@pytest.mark.skipif(
-    not FMNIST.is_dir(), reason="needs the Debian package dataset-fashion-mnist (make test installs it)"
-)
-def test_ingest_fashion_mnist_test_split_with_labels_through_ray(s3, ray_cluster):
-    uri = s3.uri("ingest", "fmnist-test")
-    report = data.ingest(str(FMNIST), uri, split="test", shard_mb=1, executor="ray")
+def test_ingest_fashion_mnist_test_split_with_labels_through_ray(fashion_mnist, fmnist_test_shards):
+    uri, report = fmnist_test_shards.uri, fmnist_test_shards.report  # ingested through Ray, shard_mb=1
     assert report.executor == "ray" and report.rows == 10_000 and not report.errors
     table = read_shards(uri).sort_by("key")
     assert table.num_rows == 10_000
     keys = table.column("key").to_pylist()
     assert keys[0] == "test/00000" and keys[-1] == "test/09999" and len(set(keys)) == 10_000
     labels = np.asarray(table.column("label").to_pylist())
-    expected = sources.read_idx(str(FMNIST / "t10k-labels-idx1-ubyte.gz"))
+    expected = sources.read_idx(str(fashion_mnist / "t10k-labels-idx1-ubyte.gz"))
     np.testing.assert_array_equal(labels, expected)
-    images = sources.read_idx(str(FMNIST / "t10k-images-idx3-ubyte.gz"), 0, 3)
+    images = sources.read_idx(str(fashion_mnist / "t10k-images-idx3-ubyte.gz"), 0, 3)
     for i in range(3):
         decoded = np.asarray(Image.open(io.BytesIO(table.column("image")[i].as_py())))
         np.testing.assert_array_equal(decoded, images[i])
