@@ -4,11 +4,13 @@ console command, in its own process (its own local Ray and its own embedded S3),
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -36,6 +38,19 @@ def test_demo_ingests_restores_and_writes_a_contact_sheet(tmp_path):
     assert table.num_rows == n and table.column("error").null_count == n
     sheet = Image.open(tmp_path / "contact_sheet.png")
     assert sheet.mode == "RGB" and sheet.width > 600 and sheet.height > 600
+    # Each bundled generator's own run: its summary line names its own run id (an f-string, so one generator's line
+    # cannot pass for the other's), and its own preview grid was copied out, unlike the other's.
+    lines = proc.stdout.splitlines()
+    previews = {}
     for generator in ("dcgan-fmnist", "vae-fmnist"):
-        assert "synthesized 64 images (0 errors) of 64" in proc.stdout
-        assert Image.open(tmp_path / f"{generator}_samples.png").width >= 8 * 28
+        summary = [line for line in lines if line.endswith(f"/run_id={generator}")]
+        assert len(summary) == 1, (generator, proc.stdout[-3000:])
+        assert re.fullmatch(
+            rf"synthesized 64 images \(0 errors\) of 64 in .* -> s3://.*/run_id={generator}", summary[0]
+        ), summary[0]
+        preview = tmp_path / f"{generator}_samples.png"
+        assert f"wrote {preview}" in lines
+        with Image.open(preview) as grid:
+            assert grid.width >= 8 * 28 and grid.height >= 8 * 28
+            previews[generator] = np.asarray(grid.convert("L"))
+    assert not np.array_equal(previews["dcgan-fmnist"], previews["vae-fmnist"])
