@@ -87,19 +87,22 @@ def test_limit_runs_exactly_the_asked_images_over_shape_groups(tiny_model):
     assert result["mp_per_s"] == pytest.approx(result["megapixels"] / result["seconds"])
 
 
-def test_rows_are_stamped_when_the_model_finished_them_or_at_encode_when_it_never_saw_them(tiny_model):
+def test_rows_are_stamped_when_the_model_finished_them_or_at_encode_when_it_never_saw_them(tiny_model, monkeypatch):
+    """The pipeline's clock is the test's: the model batch finishes at t = 500, the encode runs at t = 600."""
+    import types
+
+    from restoration.pipelines import restore
+
+    now = [500.0]
+    monkeypatch.setattr(restore, "time", types.SimpleNamespace(time=lambda: now[0], perf_counter=time.perf_counter))
     gray = [np.random.default_rng(i).integers(0, 255, (20, 20), dtype=np.uint8) for i in range(2)]
     batch = pa.table({"key": ["a", "b", "bad"], "image": [throughput._png(g) for g in gray] + [b"not an image"]})
-    before = time.time()
     restored = RestoreActor(tiny_model)(decode_batch(batch))
-    after_model = time.time()
-    time.sleep(0.05)
+    now[0] = 600.0
     out = encode_batch(restored, model="tiny", model_sha256="x", run_id="r")
-    after = time.time()
     stamps = dict(zip(out.column("key").to_pylist(), out.column("restored_at").to_pylist(), strict=True))
     assert out.schema.field("restored_at").type == pa.float64()
-    assert before <= stamps["a"] == stamps["b"] <= after_model  # one model batch, one stamp, before the encode
-    assert after_model + 0.05 <= stamps["bad"] <= after  # a decode error reaches no model: stamped when encoded
+    assert stamps == {"a": 500.0, "b": 500.0, "bad": 600.0}  # one model batch, one stamp; a decode error at encode
 
 
 def test_sampler_sees_the_driver_peak_of_its_own_block():
@@ -115,33 +118,74 @@ def test_sampler_sees_the_driver_peak_of_its_own_block():
     assert sampler.result["wall_s"] > 0 and sampler.result["driver_cpu_s"] >= 0
 
 
-def test_sampler_window_splits_out_the_cpu_of_a_stretch_of_its_block():
-    """The steady-state split (`steady_cpu`) rests on `window`: CPU burnt by the driver between two times is found
-    there, and not in the idle stretch before it."""
+def test_sampler_counts_the_cpu_its_block_burnt():
+    """The real counters: the block burns half a CPU second of this process (the counter the sampler reads), so the
+    sampler sees at least that much, however fast the machine and whatever else the process runs."""
     with throughput.ResourceSampler() as sampler:
-        begin = time.time()
-        time.sleep(1.5)
-        t0, cpu0 = time.time(), time.process_time()
-        while time.process_time() - cpu0 < 3.0:  # 3 s of CPU on this thread
+        cpu0 = time.process_time()
+        while time.process_time() - cpu0 < 0.5:
             sum(range(10_000))
-        t1 = time.time()
-        time.sleep(0.6)
-    idle, busy = sampler.window(begin, t0), sampler.window(t0, t1)
-    assert idle["seconds"] > 0.4 and idle["cpu_s_by_role"]["driver"] < 0.2 * idle["seconds"]
-    # The window runs from the first sample after t0 to the last before t1, samples SAMPLE_INTERVAL_S apart: it
-    # misses at most that much wall time (and one core's CPU in it) at either end.
-    assert t0 <= busy["from"] < busy["to"] <= t1
-    assert 3.0 - 2 * (throughput.SAMPLE_INTERVAL_S + 0.3) < busy["cpu_s_by_role"]["driver"] < 3.3
-    assert sampler.window(t1 + 60, t1 + 70) is None  # no samples there
+    assert sampler.result["driver_cpu_s"] >= 0.5
+    assert sampler.result["cpu_s_by_role"]["driver"] == sampler.result["driver_cpu_s"]
 
-    # steady_cpu: rows stamped inside the window count, and the "model" role's cores are the driver's here.
-    stamps = np.linspace(t0, t1, 21)
-    steady = throughput.steady_cpu(sampler, stamps, np.full(21, 2.0), model="driver")
-    inside = (stamps > busy["from"]) & (stamps <= busy["to"])
-    assert steady["work"] == 2.0 * inside.sum() and 0 < inside.sum() < 21
-    assert steady["model_cores"] == pytest.approx(busy["cpu_s_by_role"]["driver"] / busy["seconds"])
-    assert steady["work_per_model_cpu_s"] == pytest.approx(steady["work"] / busy["cpu_s_by_role"]["driver"])
-    assert throughput.steady_cpu(sampler, stamps, np.ones(21), model="NoSuchActor")["work_per_model_cpu_s"] is None
+
+ACTOR_TITLE = "ray::MapWorker(MapBatches(RestoreActor)).submit"
+
+
+def test_sampler_window_splits_out_the_cpu_of_a_stretch_of_its_block(monkeypatch):
+    """The steady-state split (`steady_cpu`) rests on `window`: CPU burnt between two times is found there, and not in
+    the idle stretch before it. The samples are driven here (a clock and CPU counters the test sets, one sample per
+    half second), so what each stretch holds is known exactly: the driver idles from t = 1000 to 1002, then burns a
+    core until 1005; a RestoreActor worker starts at 1002.5, burns half a core and exits after 1004."""
+    import types
+
+    state = {"t": 0.0, "driver": 10.0, "workers": {}}
+    monkeypatch.setattr(throughput, "time", types.SimpleNamespace(time=lambda: state["t"]))
+    monkeypatch.setattr(throughput, "_own_cpu", lambda: state["driver"])
+    monkeypatch.setattr(throughput, "_machine_cpu", lambda: (0.0, 0.0))
+    monkeypatch.setattr(throughput.ResourceSampler, "_worker_pids", lambda self: list(state["workers"]))
+    monkeypatch.setattr(throughput, "_cpu_seconds", lambda pid: state["workers"].get(pid))
+    monkeypatch.setattr(throughput, "_read_status", lambda pid: {"RssAnon": 2**20, "VmHWM": 2**20})
+    monkeypatch.setattr(throughput, "_title", lambda pid: ACTOR_TITLE)
+    monkeypatch.setattr(throughput, "_nice", lambda pid: 0)
+    sampler = throughput.ResourceSampler(reset_workers=False)
+    sampler._cuda = False
+    for k in range(21):  # t = 1000.0, 1000.5, ..., 1010.0
+        state["t"] = 1000 + k / 2
+        if 1002 < state["t"] <= 1005:
+            state["driver"] += 0.5
+        if 1002.5 <= state["t"] <= 1004:
+            state["workers"][7] = 0.25 * (2 * state["t"] - 2005)  # 0 at its start, 0.25 more every sample
+        else:
+            state["workers"].pop(7, None)
+        sampler._sample()
+
+    idle, busy = sampler.window(1000, 1002), sampler.window(1002, 1005)
+    assert idle == {
+        "from": 1000,
+        "to": 1002,
+        "seconds": 2,
+        "cpu_s_by_role": {"driver": 0.0},
+        "machine_busy_cores": None,
+    }
+    assert (busy["from"], busy["to"], busy["seconds"]) == (1002, 1005, 3)
+    # The worker exited inside the window and keeps the CPU it used there.
+    assert busy["cpu_s_by_role"] == {"driver": 3.0, "MapWorker(MapBatches(RestoreActor))": 0.75}
+    # A window between samples takes the samples inside it only.
+    assert sampler.window(1002.2, 1004.8)["seconds"] == 2 and sampler.window(1002.2, 1004.8)["from"] == 1002.5
+    assert sampler.window(1070, 1080) is None  # no samples there
+    assert sampler.window(1004.9, 1005.1) is None  # one sample: no stretch
+
+    # steady_cpu: rows stamped inside the window count (after its first sample, up to its last), and the model
+    # actors' cores are their CPU seconds per second of it.
+    stamps = np.array([1002.0, 1002.5, 1003.0, 1004.0, 1005.0])
+    steady = throughput.steady_cpu(sampler, stamps, np.full(5, 2.0), model="RestoreActor")
+    assert (steady["from"], steady["to"]) == (1002, 1005)
+    assert steady["work"] == 8.0  # the 4 rows after 1002
+    assert steady["model_cores"] == pytest.approx(0.75 / 3)
+    assert steady["work_per_model_cpu_s"] == pytest.approx(8.0 / 0.75)
+    assert throughput.steady_cpu(sampler, stamps, np.ones(5), model="NoSuchActor")["work_per_model_cpu_s"] is None
+    assert throughput.steady_cpu(sampler, np.array([]), np.array([]), model="RestoreActor") is None
 
 
 # --------------------------------------------------------------------------------------- end to end, Ray + S3
