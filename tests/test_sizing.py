@@ -89,25 +89,92 @@ def test_first_row_is_the_first_input_read_without_ray(photos, tmp_path):
     assert set(row) <= {"key", "image", "reference"}
 
 
-def test_data_share_is_measured_with_the_runs_own_stages(photos):
+def test_measure_share_is_the_data_steps_fraction_of_the_cpu_time_on_one_thread(monkeypatch):
+    """The clock is the test's: the model step takes 3 s, the data steps 1 s, so the share is exactly 1/4."""
+    import types
+
+    from restoration import cluster
+
+    now, threads = [0.0], []
+
+    def step(seconds: float):
+        def run() -> None:
+            threads.append(torch.get_num_threads())
+            now[0] += seconds
+
+        return run
+
+    monkeypatch.setattr(cluster, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    before = torch.get_num_threads()
+    assert cluster.measure_share(step(3.0), step(1.0)) == 0.25
+    assert cluster.measure_share(step(0.0), step(0.0)) == 0.5  # nothing measured: an even split
+    assert threads == [1, 1, 1, 1] and torch.get_num_threads() == before
+
+
+def test_data_share_is_measured_with_the_runs_own_stages(photos, monkeypatch):
+    """`data_share` times the run's own model against the run's own data stages (decode with the run's degradation,
+    encode with the metrics against the reference) on a crop of the first image. The timing itself is
+    `measure_share`'s (above); here its two steps are run and what they call is recorded."""
+    from restoration import cluster
+
     folder, tiny = photos
-    sample = data.first_row(str(folder))
+    sample = data.first_row(str(folder))  # a.png, 400 x 300
+    calls: list[tuple] = []
+    real_decode, real_encode, real_actor = restore.decode_batch, restore.encode_batch, restore.RestoreActor.__call__
+
+    def decode_batch(batch, degradation=None, seed=0, max_pixels=0):
+        calls.append(("decode", degradation, seed, max_pixels))
+        return real_decode(batch, degradation, seed, max_pixels)
+
+    def encode_batch(batch, *args):
+        out = real_encode(batch, *args)
+        calls.append(("encode", out.column("psnr")[0].as_py() is not None, out.column("ssim")[0].as_py() is not None))
+        return out
+
+    def actor_call(self, batch):
+        calls.append(
+            ("model", self.runner(1).label, batch.column("height")[0].as_py(), batch.column("width")[0].as_py())
+        )
+        return real_actor(self, batch)
+
+    steps = {}
+
+    def measure_share(model_step, data_steps):
+        for name, fn in (("model", model_step), ("data", data_steps)):
+            calls.clear()
+            fn()
+            steps[name] = list(calls)
+        return 0.125
+
+    monkeypatch.setattr(restore, "decode_batch", decode_batch)
+    monkeypatch.setattr(restore, "encode_batch", encode_batch)
+    monkeypatch.setattr(restore.RestoreActor, "__call__", actor_call)
+    monkeypatch.setattr(cluster, "measure_share", measure_share)
 
     def share(model: str, degrade: str | None = None) -> float | None:
-        return restore.data_share(restore.RestoreConfig(input="-", output="-", model=model, degrade=degrade), sample)
+        config = restore.RestoreConfig(input="-", output="-", model=model, degrade=degrade, seed=3, max_pixels=10**6)
+        return restore.data_share(config, sample)
 
-    bundled = share("denoise-gray")
-    cheap = share(tiny)
-    degraded = share("denoise-gray", "noise:25")  # degrading, PSNR and SSIM against the reference are data work
-    print(f"data share: denoise-gray {bundled:.4f}, degraded {degraded:.4f}; a 3-layer model {cheap:.4f}")
-    assert 0.0 < bundled < 0.5  # the bundled denoiser costs more than decoding and encoding its image
-    assert cheap > 2 * bundled  # the same data work next to a far cheaper model is a far larger share
-    assert degraded > bundled
+    crop = restore.SHARE_SAMPLE_SIDE
+    assert share(tiny) == 0.125
+    assert steps["model"] == [("model", "tiny", crop, crop)]  # the run's model on a 256 x 256 crop, nothing else
+    assert steps["data"] == [("decode", None, 3, 10**6), ("encode", False, False)]  # no reference: no metrics
+    assert share("denoise-gray", "noise:25") == 0.125
+    assert steps["model"] == [("model", "denoise-gray", crop, crop)]
+    # Degrading, and PSNR and SSIM against the clean crop, are data work too.
+    assert steps["data"] == [("decode", "noise:25", 3, 10**6), ("encode", True, True)]
+    # Nothing to measure on: no share (the run then splits the cores as if unmeasured).
     assert (
         restore.data_share(restore.RestoreConfig(input="-", output="-", model=tiny), {**sample, "image": b"<html>"})
         is None
     )
     assert restore.data_share(restore.RestoreConfig(input="-", output="-", model=tiny), None) is None
+
+
+def test_data_share_of_a_real_measurement_is_a_fraction(photos):
+    folder, tiny = photos
+    share = restore.data_share(restore.RestoreConfig(input="-", output="-", model=tiny), data.first_row(str(folder)))
+    assert 0.0 < share < 1.0
 
 
 def test_synthesis_data_share_in_sample_mode_only(gan_file):
@@ -148,7 +215,8 @@ def test_the_data_stages_import_without_torch():
 def test_a_data_worker_gives_back_the_arrow_memory_its_task_freed(ray_cluster):
     """Ray keeps a data worker alive between tasks, so what its allocator keeps after a task stays counted until the
     run ends. The workers allocate Arrow memory through jemalloc, which returns freed pages within a few seconds;
-    pyarrow's default, mimalloc, kept all 265 MB of this task's freed arrays."""
+    pyarrow's default, mimalloc, kept all 265 MB of this task's freed arrays. The task waits until the pages are back
+    (or a minute has gone by), so the outcome does not depend on how soon the worker gets a core."""
     import pyarrow as pa
 
     from restoration.cluster import DATA_TASK_CPUS
@@ -174,7 +242,8 @@ def test_a_data_worker_gives_back_the_arrow_memory_its_task_freed(ray_cluster):
         held = private_mb() - before
         del arrays
         after = []
-        for _ in range(10):
+        deadline = time.monotonic() + 60  # jemalloc's decay is counted in wall time: seconds, on any machine
+        while time.monotonic() < deadline and (not after or after[-1] > 60):
             time.sleep(0.5)
             pa.allocate_buffer(1024)  # allocator activity, as the next batch of a task would bring
             after.append(private_mb() - before)
@@ -191,6 +260,60 @@ def test_the_drivers_own_arrow_allocator_is_the_one_its_workers_get(monkeypatch)
 
     monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "system")
     assert forwarded_env()["ARROW_DEFAULT_MEMORY_POOL"] == "system"
+
+
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIATESTKEYID0000000",
+    "AWS_SECRET_ACCESS_KEY": "test/secret+access/key",
+    "AWS_SESSION_TOKEN": "test-session-token-value",
+}
+
+
+def test_keys_and_tokens_are_never_forwarded_to_the_workers(monkeypatch):
+    """Ray writes every runtime env into its logs: what `init_ray` hands the workers carries the endpoint and region,
+    and neither the access keys nor a session token (workers take those from their own environment)."""
+    import json
+
+    import ray
+
+    from restoration import cluster
+
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    env = cluster.forwarded_env()
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and env["AWS_REGION"] == "eu-west-3"
+    assert sorted(set(SECRETS) & set(env)) == []  # names only: a failure must not print the values
+
+    # What init_ray passes to ray.init for a local cluster is that same env, and no secret appears anywhere in it.
+    passed = {}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: passed.update(kwargs))
+    cluster.init_ray(num_cpus=1)
+    assert passed["runtime_env"] == {"env_vars": env}
+    text = json.dumps(passed, default=str)
+    assert [name for name, value in SECRETS.items() if value in text or name in text] == []
+
+
+def test_the_session_clusters_workers_get_no_keys_through_the_runtime_env(ray_cluster):
+    """The session's Ray was started by `init_ray` with the S3 server's keys in the driver's environment: its workers'
+    runtime env (which Ray logs) holds the endpoint, and not the keys."""
+    import os
+
+    assert os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")
+
+    @ray_cluster.remote(num_cpus=0)
+    def runtime_env_vars() -> dict:
+        return dict(ray_cluster.get_runtime_context().runtime_env.get("env_vars", {}))
+
+    env_vars = ray_cluster.get(runtime_env_vars.remote())
+    assert env_vars.get("AWS_ENDPOINT_URL") == os.environ["AWS_ENDPOINT_URL"]
+    secrets = {os.environ[name] for name in SECRETS if os.environ.get(name)}
+    # Names only: a failure must not print the values.
+    assert sorted(name for name, value in env_vars.items() if name in SECRETS or value in secrets) == []
 
 
 def test_training_holdout_is_split_off_in_read_workers_without_torch(tmp_path, ray_cluster):
