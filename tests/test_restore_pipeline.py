@@ -55,13 +55,18 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory, train400) -> str:
-    """A small DnCNN trained here for ≤ 45 s on Train400 patches at σ = 25."""
-    model = Restorer(RestorerConfig(depth=7, width=32))
+    """A small DnCNN trained here for 40 steps on Train400 patches at σ = 25 (about +5 dB on Set12)."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Restorer(RestorerConfig(depth=7, width=32))
     images = load_images(train400, channels=1, limit=200)
-    config = FitConfig(patch_size=40, batch_size=32, lr=2e-3, steps=10**6, time_budget_s=45.0, noise=NoiseSpec(25.0))
-    fit_restorer(model, images, config)
+    config = FitConfig(patch_size=40, batch_size=32, lr=2e-3, steps=40, noise=NoiseSpec(25.0))
+    history = fit_restorer(model, images, config)
+    assert history["steps"] == 40
     path = tmp_path_factory.mktemp("models") / "trained.pt"
-    save_model(path, "restorer", model.config, model, meta={"trained_for_s": 45})
+    save_model(path, "restorer", model.config, model, meta={"trained_steps": 40})
     return str(path)
 
 
@@ -377,58 +382,66 @@ def noise_shards(folder, uri: str, count: int, side: int, seed: int) -> str:
     return uri
 
 
-def test_every_actor_of_the_pool_restores_batches_of_one_small_shard(s3, ray_cluster, tmp_path):
-    """One shard of small images is one block of hundreds of rows; an actor task takes a whole block, so without the
-    pipeline's repartition into model batches a single actor would restore everything while the others idle."""
+ACTOR_TASK = "MapWorker(MapBatches(RestoreActor)).submit"
+
+
+@pytest.fixture(scope="module")
+def small_shard_run(s3, ray_cluster, tmp_path_factory) -> tuple:
+    """One restore of one shard of 24 small images in batches of 2 on a pool of 2 actors, and the finished Ray tasks
+    it ran: (report, tasks). Ray Data is told to wait until both actors are up before it hands out the first batch
+    (otherwise the first actor to load its model may restore everything before the second one is ready, on a fast
+    machine), so what the pool does with the batches does not depend on how fast the models load."""
     import time
 
+    from ray.data import DataContext
     from ray.util.state import list_tasks
 
-    shards = noise_shards(tmp_path / "small", s3.uri("pool", "shards"), count=24, side=128, seed=5)
+    folder = tmp_path_factory.mktemp("pool") / "small"
+    shards = noise_shards(folder, s3.uri("pool", "shards"), count=24, side=128, seed=5)
     assert len(data.shard_files(shards)) == 1
+    context = DataContext.get_current()
+    saved = context.wait_for_min_actors_s
+    context.wait_for_min_actors_s = 600  # copied into the run's dataset when it is created
     started_ms = time.time() * 1000
-    report = run_restore(
-        # The bundled denoiser takes long enough per batch (about 0.1 s here) for both actors to be up before the end.
-        RestoreConfig(input=shards, output=s3.uri("pool", "out"), model="denoise-gray", batch_size=2, workers=2)
-    )
-    assert report.rows_in == report.rows_out == report.ok == 24
+    try:
+        report = run_restore(
+            RestoreConfig(input=shards, output=s3.uri("pool", "out"), model="denoise-gray", batch_size=2, workers=2)
+        )
+    finally:
+        context.wait_for_min_actors_s = saved
 
-    def finished_batches() -> list:  # this run's actor tasks (the state API catches up within seconds)
-        name = "MapWorker(MapBatches(RestoreActor)).submit"
-        address = ray_cluster.get_runtime_context().gcs_address  # the session's cluster, whatever else runs here
-        tasks = list_tasks(address=address, filters=[("name", "=", name)], limit=10_000, detail=True)
-        return [t for t in tasks if t.state == "FINISHED" and (t.start_time_ms or 0) >= started_ms]
+    address = ray_cluster.get_runtime_context().gcs_address  # the session's cluster, whatever else runs here
 
-    deadline = time.monotonic() + 60
-    while len(batches := finished_batches()) < 12 and time.monotonic() < deadline:
+    def finished() -> list:  # this run's finished tasks
+        tasks = list_tasks(address=address, filters=[("state", "=", "FINISHED")], limit=10_000, detail=True)
+        return [t for t in tasks if (t.start_time_ms or 0) >= started_ms]
+
+    # The state API hears of a finished task within about a second (workers report task events every second); the
+    # deadline only keeps a run that never reports them from waiting for ever.
+    deadline = time.monotonic() + 120
+    tasks = finished()
+    while time.monotonic() < deadline and (
+        sum(t.name == ACTOR_TASK for t in tasks) < 12 or not any("encode_batch" in t.name for t in tasks)
+    ):
         time.sleep(1)
-    per_actor = Counter(t.actor_id for t in batches)
+        tasks = finished()
+    return report, tasks
+
+
+def test_every_actor_of_the_pool_restores_batches_of_one_small_shard(small_shard_run):
+    """One shard of small images is one block of hundreds of rows; an actor task takes a whole block, so without the
+    pipeline's repartition into model batches a single actor would restore everything while the others idle."""
+    report, tasks = small_shard_run
+    assert report.rows_in == report.rows_out == report.ok == 24
+    per_actor = Counter(t.actor_id for t in tasks if t.name == ACTOR_TASK)
     print(f"restore batches per actor: {sorted(per_actor.values())}")
     assert sum(per_actor.values()) == 12  # 24 rows in batches of 2 (without the repartition: 1)
     assert len(per_actor) == 2, per_actor
 
 
-def test_encoding_fuses_with_the_parquet_write(s3, ray_cluster, tmp_path):
+def test_encoding_fuses_with_the_parquet_write(small_shard_run):
     """The encode operator and the Parquet write reserve the same CPUs and the same cap (none, in restore), so Ray
     Data fuses them into one task; unfused, every restored batch would go through the object store once more."""
-    import time
-
-    from ray.util.state import list_tasks
-
-    shards = noise_shards(tmp_path / "few", s3.uri("fuse", "shards"), count=12, side=96, seed=8)
-    started_ms = time.time() * 1000
-    report = run_restore(RestoreConfig(input=shards, output=s3.uri("fuse", "out"), model="denoise-gray", batch_size=2))
-    assert report.rows_in == report.rows_out == report.ok == 12
-
-    address = ray_cluster.get_runtime_context().gcs_address
-
-    def this_runs_task_names() -> set[str]:
-        tasks = list_tasks(address=address, filters=[("state", "=", "FINISHED")], limit=10_000, detail=True)
-        return {t.name for t in tasks if (t.start_time_ms or 0) >= started_ms}
-
-    deadline = time.monotonic() + 60  # the state API catches up within seconds
-    names = this_runs_task_names()
-    while not any("encode_batch" in name for name in names) and time.monotonic() < deadline:
-        time.sleep(1)
-        names = this_runs_task_names()
+    _, tasks = small_shard_run
+    names = {t.name for t in tasks}
     assert "MapBatches(encode_batch)->Write" in names and "Write" not in names, sorted(names)
