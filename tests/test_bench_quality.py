@@ -130,10 +130,11 @@ def test_restore_models_get_jpeg_and_blur_rows_and_each_model_its_own_numbers():
         if spec != "noise:25":
             assert rows[("input", spec)]["psnr"] == pytest.approx(metrics.psnr(degraded, crop), abs=1e-9)
         # Each model's row is its own model's output, recomputed here from the model file (the benchmark runs the
-        # pipeline's ModelRunner: BN folded, bf16 on CPUs with bf16 units, which moves PSNR by under 0.01 dB).
+        # pipeline's ModelRunner: BN folded, bf16 on CPUs with bf16 units, which moved the U-Net's PSNR by up to 0.05 dB;
+        # two models differ by more than 0.3 dB, checked below).
         for model in ("denoise-gray", "restore-gray"):
             expected = metrics.psnr(_restore_independently(model, degraded), crop)
-            assert rows[(model, spec)]["psnr"] == pytest.approx(expected, abs=0.02), (model, spec)
+            assert rows[(model, spec)]["psnr"] == pytest.approx(expected, abs=0.1), (model, spec)
     # Two different models, two different sets of numbers; the one trained on JPEG restores it.
     for spec in specs:
         assert abs(rows[("restore-gray", spec)]["psnr"] - rows[("denoise-gray", spec)]["psnr"]) > 0.3, spec
