@@ -171,7 +171,7 @@ def test_actor_rows_are_raw_samples_and_encoding_gives_the_pngs_of_the_generator
     raw = actor(pa.table({"start": [0], "stop": [5]}))
     assert raw.schema == PIXELS_SCHEMA and raw.column("channels").to_pylist() == [1] * 5
     stamps = raw.column("generated_at").to_pylist()  # one generator batch: one stamp, taken when it finished
-    assert len(set(stamps)) == 1 and before < stamps[0] <= time.time()
+    assert len(set(stamps)) == 1 and before <= stamps[0] <= time.time()
     rows = raw.to_pylist()
     rows[2].update(pixels=None, width=None, height=None, channels=None, error="decode: broken")
     encoded = encode_images(pa.Table.from_pylist(rows, schema=PIXELS_SCHEMA))
