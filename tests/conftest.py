@@ -141,3 +141,18 @@ def gan_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("models") / "gan.pt"
     save_model(path, "dcgan", model.config, model)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def vae_file(tmp_path_factory) -> str:
+    """An untrained but real VAE model file (the synthesis plumbing is under test, not the images' quality)."""
+    import torch
+
+    from restoration.checkpoint import save_model
+    from restoration.models.vae import VAE, VAEConfig
+
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(width=16, latent_dim=8))
+    path = tmp_path_factory.mktemp("models") / "vae.pt"
+    save_model(path, "vae", model.config, model)
+    return str(path)

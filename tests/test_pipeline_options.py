@@ -21,7 +21,6 @@ from restoration import codec, data, storage
 from restoration.checkpoint import load_named, save_model
 from restoration.cli import main
 from restoration.models.restorer import Restorer, RestorerConfig
-from restoration.models.vae import VAE, VAEConfig
 from restoration.pipelines.restore import ModelRunner, read_output
 from restoration.pipelines.synthesize import latent_for
 from restoration.tiling import tiled_apply
@@ -200,15 +199,6 @@ def test_precision_fp32_is_fp32_and_bf16_differs_little(restore_runs):
 
 
 # -------------------------------------------------------------------------------------------------------- synthesis
-@pytest.fixture(scope="module")
-def vae_file(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    model = VAE(VAEConfig(width=16, latent_dim=8))
-    path = tmp_path_factory.mktemp("models") / "vae.pt"
-    save_model(path, "vae", model.config, model)
-    return str(path)
-
-
 def images_by_index(run: str, columns=("index", "image", "source_keys", "alpha")) -> dict[int, dict]:
     return {r["index"]: r for r in read_output(run, list(columns)).to_pylist()}
 

@@ -24,15 +24,6 @@ from restoration.pipelines.synthesize import SynthesizeConfig, run_synthesize, s
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def vae_file(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    model = VAE(VAEConfig(width=16, latent_dim=8))
-    path = tmp_path_factory.mktemp("models") / "vae.pt"
-    save_model(path, "vae", model.config, model)
-    return str(path)
-
-
 def images_by_index(uri: str) -> dict[int, bytes]:
     table = read_output(uri, ["index", "image"])
     return dict(zip(table.column("index").to_pylist(), table.column("image").to_pylist(), strict=True))
