@@ -48,6 +48,7 @@ DEFAULT_EXTRACTOR = "fmnist-classifier"  # bundled in restoration/weights
 DEFAULT_MODELS = ("dcgan-fmnist", "vae-fmnist")
 GENERATOR_KINDS = ("dcgan", "vae")
 SPLITS = ("train", "test")
+TEST_SPLIT_SIZE = 10000  # images in the Fashion-MNIST test split, the most one row can compare against
 GRID_SAMPLES = 64  # images in each <model>_samples.png, 8 x 8
 
 
@@ -332,16 +333,16 @@ def run_fid_bench(
     start = time.perf_counter()
     say = log or (lambda line: None)
     inception = _inception_metric(os.fspath(inception_weights)) if inception_weights is not None else None
+    # Check the arguments and load every model before the data and the slow part, so a bad one fails at once.
+    if not isinstance(n, int) or isinstance(n, bool) or not 2 <= n <= TEST_SPLIT_SIZE:
+        raise ValueError(f"n={n!r}: expected an int in [2, {TEST_SPLIT_SIZE}] (the size of the test split)")
+    loaded = {name: _check_generator(load_named(name), name) for name in models}
     extractor, extractor_file = load_extractor(extractor_path)
     test_x, _ = load_fashion_mnist("test", fashion_mnist)
     train_x, _ = load_fashion_mnist("train", fashion_mnist)
-    if not isinstance(n, int) or isinstance(n, bool) or not 2 <= n <= test_x.shape[0]:
-        raise ValueError(f"n={n!r}: expected an int in [2, {test_x.shape[0]}] (the size of the test split)")
     rng = torch.Generator().manual_seed(seed)
     reference = test_x if n == test_x.shape[0] else test_x[torch.randperm(test_x.shape[0], generator=rng)[:n]]
     floor_set = train_x[torch.randperm(train_x.shape[0], generator=rng)[:n]]
-    # Load every model before the slow part, so a bad name fails at once.
-    loaded = {name: _check_generator(load_named(name), name) for name in models}
 
     # Reference statistics, once: reset() keeps them (reset_real_features=False) and clears the generated side.
     metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False)

@@ -24,8 +24,6 @@ from restoration.train.gan_core import (
     make_optimizers,
 )
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -57,11 +55,9 @@ def _blobs(n: int, size: int = 28, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(images)
 
 
-def _fashion(filename: str, start: int, stop: int) -> torch.Tensor:
+def _fashion(folder: Path, filename: str, start: int, stop: int) -> torch.Tensor:
     """Fashion-MNIST records [start, stop) as (N, 1, 28, 28) float32 in [0, 1]."""
-    if not FASHION_MNIST.is_dir():
-        pytest.skip(f"Fashion-MNIST is not installed at {FASHION_MNIST} (Debian package dataset-fashion-mnist)")
-    pixels = read_idx(str(FASHION_MNIST / filename), start, stop)  # uint8 (N, 28, 28)
+    pixels = read_idx(str(folder / filename), start, stop)  # uint8 (N, 28, 28)
     return torch.from_numpy(pixels.astype(np.float32) / 255.0)[:, None]
 
 
@@ -337,9 +333,9 @@ def test_feature_distance_is_zero_for_equal_sets_and_grows_with_the_difference()
 
 
 @pytest.mark.slow
-def test_dcgan_learns_fashion_mnist():
-    train = _fashion("train-images-idx3-ubyte.gz", 0, 10000)
-    held_out = _fashion("t10k-images-idx3-ubyte.gz", 0, 512)
+def test_dcgan_learns_fashion_mnist(fashion_mnist):
+    train = _fashion(fashion_mnist, "train-images-idx3-ubyte.gz", 0, 10000)
+    held_out = _fashion(fashion_mnist, "t10k-images-idx3-ubyte.gz", 0, 512)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = DCGAN(DCGANConfig(image_size=28, channels=1, latent_dim=64, g_width=32, d_width=32))

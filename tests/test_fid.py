@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from restoration.checkpoint import load_model, load_named, model_to_bytes
 from restoration.models.classifier import Classifier, ClassifierConfig
 from restoration.train.classifier import ClassifierFitConfig, augment, evaluate_accuracy, fit_classifier
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 N = 2000  # images per set in the metric tests
 
 # Measured with the bundled classifier: disjoint 2,000-image subsets of the test split score 1.4-1.9, and 2,000
@@ -33,8 +36,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def test_split():
-    return F.load_fashion_mnist("test")
+def test_split(fashion_mnist):
+    return F.load_fashion_mnist("test", fashion_mnist)
+
+
+@pytest.fixture(scope="module")
+def train_split(fashion_mnist):
+    return F.load_fashion_mnist("train", fashion_mnist)
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +56,13 @@ def halves(test_split):
     return images[:N], images[N : 2 * N]
 
 
-def test_load_fashion_mnist_splits(test_split):
+def test_load_fashion_mnist_splits(test_split, train_split):
     images, labels = test_split
     assert images.shape == (10000, 1, 28, 28) and images.dtype == torch.float32
     assert float(images.min()) == 0.0 and float(images.max()) == 1.0
     assert labels.dtype == torch.int64 and sorted(labels.unique().tolist()) == list(range(10))
     assert torch.bincount(labels).tolist() == [1000] * 10  # the test split is balanced
-    train, train_labels = F.load_fashion_mnist("train")
+    train, train_labels = train_split
     assert train.shape == (60000, 1, 28, 28) and train_labels.shape == (60000,)
 
 
@@ -114,9 +122,9 @@ def test_fid_of_real_sets(extractor, halves, test_split):
     assert noise > 100 * disjoint  # orders of magnitude above two real samples
 
 
-def test_calibration_sets_order(extractor, halves):
+def test_calibration_sets_order(extractor, halves, train_split):
     reference = halves[0]
-    train, _ = F.load_fashion_mnist("train")
+    train, _ = train_split
     floor = F.fid(train[:N], reference, extractor)
     pixelated = F.fid(F.pixelate2x(reference), reference, extractor)
     noisy = F.fid(F.add_noise(reference, 25, seed=0), reference, extractor)
@@ -164,7 +172,7 @@ def test_generate_refuses_other_kinds():
         F.run_fid_bench(["vae-fmnist", "denoise-gray"], n=100)
 
 
-def test_run_fid_bench_writes_report(tmp_path, capsys):
+def test_run_fid_bench_writes_report(fashion_mnist, tmp_path, capsys):
     result = F.run_fid_bench(["dcgan-fmnist", "vae-fmnist"], n=500, seed=0, out_dir=tmp_path)
     names = [row["name"] for row in result["rows"]]
     assert names == ["dcgan-fmnist", "vae-fmnist", "floor", "pixelated 2x", "noise sigma=25"]
@@ -192,7 +200,34 @@ def test_run_fid_bench_writes_report(tmp_path, capsys):
         F.run_fid_bench([], n=20000)
 
 
-def test_inception_fid_needs_torch_fidelity(tmp_path):
+def readme_fid_table() -> dict[str, float]:
+    """The FID column of the README's generator table, by its set name."""
+    table = README.read_text().split("### Generators: `restoration bench fid`")[1].split("###")[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and re.fullmatch(r"[0-9]+\.[0-9]+", cells[1]):
+            rows[cells[0]] = float(cells[1])
+    return rows
+
+
+@pytest.mark.slow
+def test_the_readme_fid_table_is_what_the_bench_measures(fashion_mnist):
+    # The README's figures come from `restoration bench fid -n 10000` at seed 0; the bench is deterministic, so on
+    # any machine it must land within 2 % of each (float summation order is all that may differ).
+    published = readme_fid_table()
+    assert {"floor", "pixelated 2×", "noise σ = 25", "dcgan-fmnist", "vae-fmnist"} <= set(published), published
+    result = F.run_fid_bench(["dcgan-fmnist", "vae-fmnist"], n=10000, seed=0)
+    measured = {row["name"]: row["fid"] for row in result["rows"]}
+    names = {"pixelated 2×": "pixelated 2x", "noise σ = 25": "noise sigma=25"}
+    for readme_name in ("dcgan-fmnist", "vae-fmnist", "pixelated 2×", "noise σ = 25", "floor"):
+        got = measured[names.get(readme_name, readme_name)]
+        tolerance = 0.05 if readme_name == "floor" else 0.02 * published[readme_name]
+        assert abs(got - published[readme_name]) <= tolerance, (readme_name, got, published[readme_name])
+    assert measured["dcgan-fmnist"] < measured["pixelated 2x"] < measured["vae-fmnist"] < measured["noise sigma=25"]
+
+
+def test_inception_fid_needs_torch_fidelity(fashion_mnist, tmp_path):
     if importlib.util.find_spec("torch_fidelity") is None:
         with pytest.raises(ModuleNotFoundError, match="pip install torch-fidelity"):
             F.run_fid_bench(["vae-fmnist"], n=100, inception_weights=tmp_path / "weights.pth")
@@ -215,8 +250,8 @@ def test_augment_moves_content_without_losing_it():
     assert torch.equal(augment(x, 0, False, generator), x)
 
 
-def test_fit_classifier_learns(test_split):
-    train, labels = F.load_fashion_mnist("train")
+def test_fit_classifier_learns(test_split, train_split):
+    train, labels = train_split
     config = ClassifierFitConfig(model=ClassifierConfig(widths=(8, 16), feature_dim=32), epochs=3, seed=0)
     history = fit_classifier(train[:3000], labels[:3000], config)
     assert history["steps"] == 3 * math.ceil(3000 / 128) and history["stopped"] == "epochs"

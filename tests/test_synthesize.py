@@ -62,11 +62,11 @@ def test_counts_keys_resume_and_preview(s3, ray_cluster, gan_file):
     assert preview.size[0] > 8 * 28
 
 
-def test_interpolation_end_points_are_the_reconstructions(s3, ray_cluster, vae_file):
-    from restoration.sources import FASHION_MNIST_DIR, read_idx
+def test_interpolation_end_points_are_the_reconstructions(s3, ray_cluster, vae_file, fashion_mnist):
+    from restoration.sources import read_idx
 
     folder = s3.uri("synth", "inputs")
-    images = read_idx(f"{FASHION_MNIST_DIR}/t10k-images-idx3-ubyte.gz", 0, 6)
+    images = read_idx(f"{fashion_mnist}/t10k-images-idx3-ubyte.gz", 0, 6)
     for i, image in enumerate(images):
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="PNG")

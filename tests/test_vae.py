@@ -1,7 +1,6 @@
 """Convolutional VAE and its training maths: tiny configs on CPU, a hand-computed ELBO, and one learning run."""
 
 import math
-import os
 import time
 
 import numpy as np
@@ -36,7 +35,6 @@ from restoration.train.vae_core import (
 SIZES = [28, 32, 64]
 CHANNELS = [1, 3]
 LIKELIHOODS = ["bernoulli", "gaussian"]
-FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def tiny(**overrides) -> VAEConfig:
@@ -433,11 +431,10 @@ def test_bad_priors_are_refused():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST), reason=f"Fashion-MNIST idx files not found in {FASHION_MNIST}")
-def test_vae_learns_fashion_mnist():
+def test_vae_learns_fashion_mnist(fashion_mnist):
     torch.manual_seed(0)
-    train = torch.from_numpy(read_idx(f"{FASHION_MNIST}/train-images-idx3-ubyte.gz", 0, 10_000).copy())
-    test = torch.from_numpy(read_idx(f"{FASHION_MNIST}/t10k-images-idx3-ubyte.gz", 0, 1000).copy())
+    train = torch.from_numpy(read_idx(f"{fashion_mnist}/train-images-idx3-ubyte.gz", 0, 10_000).copy())
+    test = torch.from_numpy(read_idx(f"{fashion_mnist}/t10k-images-idx3-ubyte.gz", 0, 1000).copy())
     train = train.float().div(255)[:, None]  # (10000, 1, 28, 28)
     test = test.float().div(255)[:, None]  # (1000, 1, 28, 28)
 
