@@ -4,6 +4,9 @@
         --set arch=unet --set depth=4 --set width=32 [--cpu-budget 1200] [--threads 1]
     python scripts/campaign.py report --dir ~/campaign          # PSNR against CPU-hours, per run; docs/ plot
 
+A run whose folder is gone (a new machine) can go on from its bundled model with `--init FILE`: the weights,
+step and CPU seconds come from the model file, Adam starts afresh.
+
 Each run lives in `DIR/NAME/`: `state.pt` (model, Adam, step, CPU seconds: resumed by starting the same name
 again), `log.jsonl` (one line per validation: step, CPU seconds, wall seconds, Set12 PSNR at sigma 15/25/50) and
 `best.pt`, a model file (`restoration.checkpoint`) of the best validation so far, which `restore --model PATH`
@@ -32,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from restoration.checkpoint import save_model
+from restoration.checkpoint import load_model, save_model
 from restoration.models.restorer import RestorerConfig, build
 from restoration.train.patches import PatchSampler, load_images
 from restoration.train.restorer_core import NoiseSpec, add_noise, evaluate_psnr
@@ -79,6 +82,17 @@ def validate(model: torch.nn.Module, images: list[np.ndarray], autocast) -> dict
     return out
 
 
+def init_from(model: torch.nn.Module, config: RestorerConfig, source: str) -> tuple[int, float, float]:
+    """Load a model file's weights into `model`; return the (step, CPU s, wall s) it records, so the schedule and
+    the curve go on from there. The optimizer starts afresh: a model file carries no Adam state."""
+    loaded = load_model(source, expected_kind="restorer")
+    if loaded.config != config:
+        raise SystemExit(f"campaign: --init {source} holds {loaded.config}, not {config}")
+    model.load_state_dict(loaded.module.state_dict())
+    meta = loaded.meta or {}
+    return int(meta.get("step", 0)), float(meta.get("cpu_seconds", 0.0)), float(meta.get("wall_seconds", 0.0))
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     folder = Path(args.dir) / args.name
@@ -97,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
         step, cpu_done, wall_done, best = state["step"], state["cpu_seconds"], state["wall_seconds"], state["best"]
         print(f"resumed {args.name} at step {step}, {cpu_done / 3600:.2f} CPU-h, best {best:.3f} dB", flush=True)
     else:
+        if args.init:
+            step, cpu_done, wall_done = init_from(model, config, args.init)
+            print(f"started {args.name} from {args.init} (step {step}, {cpu_done / 3600:.2f} CPU-h before)", flush=True)
         (folder / "config.json").write_text(json.dumps({"model": dataclasses.asdict(config), **vars(args)}, indent=1))
 
     bf16 = args.precision == "bf16"
@@ -235,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--decay-every", type=float, default=2.0, help="CPU-hours between halvings")
     r.add_argument("--val-every", type=float, default=300.0, help="CPU seconds between validations")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--init", default=None, help="a new run starts from this model file's weights (e.g. a bundled one)")
     s = sub.add_parser("report", help="one line per run; --plot writes PSNR against CPU-hours")
     s.add_argument("--dir", required=True)
     s.add_argument("--plot", default=None)
