@@ -301,3 +301,49 @@ def test_ingest_job_writes_shards(cluster, s3, set12):
     files = [i.path for i in storage.list_files(dest) if i.path.endswith(".parquet") and "/_" not in i.path]
     assert files and sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files) == 12
     assert storage.exists(storage.join(dest, "_manifest.json"))
+
+
+def _run_files(run: str) -> dict[str, tuple]:
+    """Every object of a run folder: path -> (size, modification time, bytes)."""
+    from restoration import storage
+
+    return {i.path: (i.size, i.mtime, storage.read_bytes("s3://" + i.path)) for i in storage.list_files(run)}
+
+
+def _samples(run: str) -> dict[int, bytes]:
+    from restoration.pipelines.restore import read_output
+
+    return {r["index"]: r["image"] for r in read_output(run, ["index", "image"]).to_pylist()}
+
+
+@pytest.mark.slow
+def test_synthesis_jobs_and_a_scheduled_rerun_that_changes_nothing(cluster, s3):
+    import json
+
+    from restoration import storage
+
+    out = s3.uri("cluster", "generated")
+    submission_id = f"synth-{secrets.token_hex(4)}"
+    common = ["--model", "dcgan-fmnist", "--count", "48", "--seed", "7", "--out", out]
+    done = _submit(cluster, s3, submission_id, "jobs/synthesize.py", *common, "--run-id", "bulk", "--workers", "2")
+    assert done.returncode == 0, _failure(done)
+    assert _job(cluster, submission_id)["status"] == "SUCCEEDED"
+    bulk = _samples(storage.join(out, "run_id=bulk"))
+    assert sorted(bulk) == list(range(48)) and len(set(bulk.values())) == 48
+
+    # The scheduled job, twice under the same run id (a daily schedule firing again): the first writes the run, the
+    # second finds it complete and leaves every object as it was.
+    daily = storage.join(out, "run_id=daily")
+    runs = []
+    for attempt in range(2):
+        submission_id = f"daily-{attempt}-{secrets.token_hex(4)}"
+        args = ["jobs/scheduled_generation.py", *common, "--run-id", "daily", "--workers", "1"]
+        done = _submit(cluster, s3, submission_id, *args)
+        assert done.returncode == 0, _failure(done)
+        assert _job(cluster, submission_id)["status"] == "SUCCEEDED"
+        runs.append(_run_files(daily))
+    assert runs[0] == runs[1]
+    manifest = json.loads(storage.read_bytes(storage.join(daily, "_manifest.json")))
+    assert manifest["complete"] and manifest["rows_out"] == 48 and manifest["config"]["resume"]
+    # One actor on one node gave the same PNGs, byte for byte, as two actors on two nodes.
+    assert _samples(daily) == bulk

@@ -96,6 +96,26 @@ def test_ingest_reports_corrupt_files_and_keeps_good_ones(s3, tmp_path):
     assert sorted(errors.column("key").to_pylist()) == sorted(bad)
 
 
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_ingest_from_an_s3_prefix_matches_the_folder(s3, ray_cluster, tmp_path, executor):
+    # The same mixed folder, uploaded as objects under an S3 prefix, ingests to the same keys, bytes and errors.
+    bad = make_corrupt_folder(tmp_path / "mixed")
+    prefix = s3.uri("ingest-src", f"photos-{executor}")
+    for path in (tmp_path / "mixed").rglob("*"):
+        if path.is_file():
+            storage.write_bytes(
+                storage.join(prefix, path.relative_to(tmp_path / "mixed").as_posix()), path.read_bytes()
+            )
+    uri = s3.uri("ingest", f"from-s3-{executor}")
+    report = data.ingest(prefix, uri, executor=executor)
+    assert report.executor == executor and report.rows == 3 and {k for k, _ in report.errors} == set(bad)
+    table = read_shards(uri)
+    images = dict(zip(table.column("key").to_pylist(), table.column("image").to_pylist(), strict=True))
+    assert sorted(images) == ["good.jpg", "good.png", "sub/gray.png"]
+    for key, image in images.items():
+        assert image == (tmp_path / "mixed" / key).read_bytes(), key
+
+
 def test_ingest_cli_reports_errors_and_bad_arguments(s3, tmp_path, capsys):
     from restoration.cli import main
 

@@ -314,3 +314,29 @@ def test_precision_float32_and_bf16_stay_close_to_float64(synthesis_runs, gan_fi
     assert psnr(bf16 / 255.0, exact / 255.0) > 30
     for run_id in ("float32", "bf16"):
         assert manifest(synthesis_runs["run"](run_id))["config"]["precision"] == run_id
+
+
+# --------------------------------------------------------------------------------------------------------------- gpu
+def test_gpu_on_a_cluster_without_gpus_is_one_line_and_writes_nothing(ray_cluster, tmp_path, gan_file, capsys):
+    """`--gpu` where Ray has no GPU: each command exits 2 with one line naming the flag, and leaves no run behind."""
+    import ray
+
+    assert ray.cluster_resources().get("GPU", 0) == 0  # the suite's local cluster is CPU-only
+    images = tmp_path / "in"
+    images.mkdir()
+    (images / "a.png").write_bytes(png(skimage.data.camera()[:32, :32]))
+    model = tmp_path / "tiny.pt"
+    tiny = Restorer(RestorerConfig(depth=3, width=8))
+    save_model(model, "restorer", tiny.config, tiny)
+    out = tmp_path / "out"
+    commands = {
+        "restore": ["restore", str(images), str(out / "r"), "--model", str(model), "--gpu", "--run-id", "g"],
+        "synthesize": ["synthesize", "--model", gan_file, "--count", "4", "--out", str(out / "s"), "--gpu"],
+        "train": ["train", "restorer", "--data", str(images), "--storage", str(out / "t"), "--name", "g", "--gpu"],
+    }
+    for name, argv in commands.items():
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["restoration: error: --gpu was given but the Ray cluster has no GPUs"], (name, err)
+        written = [p for p in out.rglob("*") if p.is_file()]
+        assert not written, (name, written)

@@ -4,6 +4,7 @@ measurably better than the untrained one after a fixed, small number of steps.""
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 from types import SimpleNamespace
@@ -13,13 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from restoration import data, storage
+from restoration import codec, data, storage
 from restoration import fid as F
 from restoration.checkpoint import load_model, save_model
 from restoration.cli import main
 from restoration.models.dcgan import DCGAN
 from restoration.models.restorer import Restorer
 from restoration.models.vae import VAE
+from restoration.pipelines.restore import ModelRunner, read_output
+from restoration.pipelines.synthesize import latent_for
 from restoration.sources import read_idx
 from restoration.train.gan_core import feature_distance
 from restoration.train.launcher import LaunchConfig
@@ -210,9 +213,68 @@ def test_generator_loops_learn_checkpoint_previews_and_export(s3, ray_cluster, f
     folders = {posixpath.dirname(i.path) for i in storage.list_files(storage.join(runs, kind))}
     checkpoints = {f for f in folders if posixpath.basename(f).startswith("checkpoint_")}
     assert checkpoints
+    states = {}
     for name in checkpoints:
         files = {posixpath.basename(i.path) for i in storage.list_files("s3://" + name)}
         assert {"state.pt", "model.pt", *PREVIEWS[kind]} <= files
+        state = torch.load(io.BytesIO(storage.read_bytes(f"s3://{name}/state.pt")), weights_only=True)
+        states[state["epoch"]] = state
+
+    if kind == "dcgan":
+        # The exported generator is the EMA copy of the exported epoch's checkpoint, not the raw generator; the
+        # discriminator is the trained one (so the file can go on training).
+        state = states[loaded.meta["epoch"]]
+        exported = loaded.module.state_dict()
+        generator = {k: v for k, v in exported.items() if k.startswith("generator.")}
+        assert all(torch.equal(v, state["ema"][k.removeprefix("generator.")]) for k, v in generator.items())
+        weights = [k for k in generator if k.endswith(".weight")]
+        assert any(not torch.equal(exported[k], state["model"][k]) for k in weights)
+        assert all(torch.equal(v, state["model"][k]) for k, v in exported.items() if k.startswith("discriminator."))
+
+    # `synthesize` takes the run's model file straight from S3: its rows are that file's samples.
+    out = s3.uri("train", "gen-synthesized")
+    argv = ["synthesize", "--model", report.model_path, "--count", "8", "--seed", "5", "--out", out, "--run-id", kind]
+    assert main(argv) == 0
+    synthesized = storage.join(out, f"run_id={kind}")
+    manifest = json.loads(storage.read_bytes(storage.join(synthesized, "_manifest.json")))
+    assert manifest["model_sha256"] == loaded.sha256 and manifest["rows_out"] == 8 and manifest["errors"] == 0
+    rows = read_output(synthesized, ["index", "image"]).to_pylist()
+    got = np.stack([np.asarray(Image.open(io.BytesIO(r["image"]))) for r in sorted(rows, key=lambda r: r["index"])])
+    assert got.shape == (8, 28, 28) and len({g.tobytes() for g in got}) == 8
+    if kind == "dcgan":  # G(z_i) worked out here in float64, z_i from (seed, index): byte for byte
+        z = torch.stack([latent_for(5, i, loaded.config.latent_dim) for i in range(8)]).double()
+        with torch.inference_mode():
+            expected = loaded.module.double().generator(z).add(1).div(2).clamp(0, 1).mul(255).round().to(torch.uint8)
+        np.testing.assert_array_equal(got, expected[:, 0].numpy())
+
+
+def test_a_ray_trained_model_file_on_s3_serves_restore(s3, ray_cluster, ddp_run, train400):
+    """`restore --model s3://.../NAME/model.pt`: the run's exported file, loaded by the pipeline's actors, gives the
+    rows (compared with the same file applied here, outside Ray)."""
+    model_uri = storage.join(ddp_run.runs, "ddp", "model.pt")
+    loaded = load_model(storage.read_bytes(model_uri), expected_kind="restorer")
+    inputs = s3.uri("train", "noisy-held-out")
+    noisy = {}
+    for i, image in enumerate(held_out_train400(train400)[:3]):
+        rng = np.random.default_rng(i)
+        pixels = np.clip(image[..., 0] * 255 + rng.normal(0, 25, image.shape[:2]), 0, 255).round().astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        noisy[f"img{i}.png"] = buf.getvalue()
+        storage.write_bytes(storage.join(inputs, f"img{i}.png"), buf.getvalue())
+    out = s3.uri("train", "restored-by-ray-trained")
+    assert main(["restore", inputs, out, "--model", model_uri, "--run-id", "r", "--precision", "fp32"]) == 0
+    run = storage.join(out, "run_id=r")
+    manifest = json.loads(storage.read_bytes(storage.join(run, "_manifest.json")))
+    assert manifest["model_sha256"] == loaded.sha256
+    rows = {r["key"]: r for r in read_output(run, ["key", "image", "error"]).to_pylist()}
+    assert sorted(rows) == sorted(noisy) and all(r["error"] is None for r in rows.values())
+    runner = ModelRunner(model_uri, precision="fp32")
+    for key, image in noisy.items():
+        expected = codec.to_uint(runner.restore_array(codec.decode(image).pixels[None])[0], 8)
+        got = codec.to_uint(codec.decode(rows[key]["image"]).pixels, 8)
+        assert np.abs(got.astype(int) - expected).max() <= 1, key
+        assert np.mean(got != expected) < 0.002, key
 
 
 def test_bf16_mixed_degradations_fine_tune_from_a_model_file(s3, ray_cluster, ddp_run, tmp_path):
