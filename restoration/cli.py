@@ -143,6 +143,11 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the model in each actor: faster on long runs, after tens of seconds of compiling",
     )
+    p.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="average the model over the 8 flips/rotations of each image: a little better, 8x slower",
+    )
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="use GPUs (default: if any)")
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse larger images (default 100 MP)")
 
@@ -283,6 +288,7 @@ def restore_config(args: argparse.Namespace):
         max_pixels=args.max_pixels or codec.DEFAULT_MAX_PIXELS,
         precision=args.precision,
         compile=args.compile,
+        ensemble=args.ensemble,
     )
 
 

@@ -1,5 +1,5 @@
 """README promises of the pipelines' options, through the command line on tiny untrained models: a user-supplied
-`reference` column, per-row SSIM and the manifest's means, `--tile`, `--precision`; synthesis's `--slerp`,
+`reference` column, per-row SSIM and the manifest's means, `--tile`, `--precision`, `--ensemble`; synthesis's `--slerp`,
 `--random-pairs`, `--truncation` and `--precision`. Each group of tests shares its runs."""
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def restore_runs(ray_cluster, tmp_path_factory) -> dict:
         "fp32": ["--precision", "fp32"],
         "tiled": ["--precision", "fp32", "--tile", "32", "--overlap", "0"],
         "bf16": ["--precision", "bf16"],
+        "ensemble": ["--precision", "fp32", "--ensemble"],
     }
     results = {"inputs": {r["key"]: r for r in rows}, "model": str(model_path), "out": out}
     for run_id, flags in runs.items():
@@ -196,6 +197,40 @@ def test_precision_fp32_is_fp32_and_bf16_differs_little(restore_runs):
         assert psnr(pixels_of(fp32[key]["image"]), pixels_of(bf16[key]["image"])) > 40, key
         assert bf16[key]["psnr"] == pytest.approx(fp32[key]["psnr"], abs=0.1), key
     assert min(differs.values()) > 0.01, differs  # bf16 really ran: its rounding shows in the 8-bit images
+
+
+def dihedral_mean(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The self-ensemble worked out here: for each of the 8 orientations T (4 rotations, mirrored or not), T^-1(net(T x)),
+    averaged. x: (B, C, H, W)."""
+    outputs = []
+    with torch.inference_mode():
+        for mirror in (False, True):
+            for k in range(4):
+                t = torch.rot90(x.flip(-1) if mirror else x, k, (2, 3))
+                y = torch.rot90(net(t), -k, (2, 3))
+                outputs.append(y.flip(-1) if mirror else y)
+    return torch.stack(outputs).mean(0)
+
+
+def test_ensemble_averages_the_eight_orientations(restore_runs):
+    runner = ModelRunner(restore_runs["model"], precision="fp32", ensemble=True)
+    plain = ModelRunner(restore_runs["model"], precision="fp32")
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 40, 56, 1), dtype=np.float32)  # not square: the quarter turns swap height and width
+    expected = dihedral_mean(plain.net, torch.from_numpy(x.transpose(0, 3, 1, 2))).clamp(0, 1)
+    got = runner.restore_array(x)
+    np.testing.assert_allclose(got, expected.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+    assert np.abs(got - plain.restore_array(x)).max() > 1e-3  # the untrained net is far from equivariant
+
+    # Through the command line: the run's rows are the ensemble's output, and the manifest says it ran.
+    rows = restore_runs["ensemble"]
+    for key in ("gray.png", "colour.png"):
+        noisy_pixels = codec.decode(restore_runs["inputs"][key]["image"]).pixels
+        expected = codec.to_uint(runner.restore_array(noisy_pixels[None])[0], 8)
+        got = codec.to_uint(codec.decode(rows[key]["image"]).pixels, 8)
+        assert np.abs(got.astype(int) - expected).max() <= 1 and np.mean(got != expected) < 0.002, key
+        assert np.mean(got != codec.to_uint(codec.decode(restore_runs["fp32"][key]["image"]).pixels, 8)) > 0.05, key
+    assert manifest(storage.join(restore_runs["out"], "run_id=ensemble"))["config"]["ensemble"] is True
 
 
 # -------------------------------------------------------------------------------------------------------- synthesis

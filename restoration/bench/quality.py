@@ -80,6 +80,7 @@ class QualityConfig:
     out_dir: str = "bench-output"
     seed: int = 0  # noise seed of image `name` at sigma s: degrade.rng_for(seed, f"{name}/noise:{s}")
     sheet_images: int = 3  # images on the contact sheet
+    ensemble: bool = False  # also each model with the 8-orientation self-ensemble (rows "MODEL x8")
 
     def __post_init__(self) -> None:
         if isinstance(self.images, (list, tuple)):
@@ -180,14 +181,14 @@ CLASSICAL = {
 class _Model:
     """One restorer run exactly as the restore pipeline runs it (ModelRunner.restore_array)."""
 
-    def __init__(self, name: str, threads: int, color: bool) -> None:
+    def __init__(self, name: str, threads: int, color: bool, ensemble: bool = False) -> None:
         import torch
 
         from restoration.checkpoint import model_label
         from restoration.pipelines.restore import ModelRunner
 
         torch.set_num_threads(threads)
-        self.actor = ModelRunner(name)
+        self.actor = ModelRunner(name, ensemble=ensemble)
         self.label = model_label(name)
         model_channels = self.actor.channels
         self.method = self.label
@@ -195,6 +196,8 @@ class _Model:
             self.method = f"{self.label} (per channel)"
         elif not color and model_channels == 3:
             self.method = f"{self.label} (gray replicated)"
+        if ensemble:
+            self.method = f"{self.method} x8"
         # One call on a small image first, so one-off allocations and kernel selection are not timed.
         self(np.zeros((64, 64, 3 if color else 1), dtype=np.float32))
 
@@ -432,6 +435,8 @@ def benchmark(config: QualityConfig, progress: Callable[[str], None] | None = No
     try:
         with _thread_limits(threads, notes):
             models = [_Model(n, threads, config.color) for n in model_names]  # load (and fail) before any work
+            if config.ensemble:
+                models += [_Model(n, threads, config.color, ensemble=True) for n in model_names]
             seen = [m.method for m in models]
             if len(set(seen)) != len(seen) or set(seen) & {*CLASSICAL, INPUT_METHOD}:
                 raise ValueError(f"models {list(model_names)} give the method names {seen}: expected unique names")
@@ -731,6 +736,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop", type=int, default=None, help="central crop side in px (fast checks)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
     parser.add_argument("--out", default="bench-output", help="output folder (default ./bench-output)")
+    parser.add_argument(
+        "--ensemble", action="store_true", help="also run each model with the 8-orientation self-ensemble (x8 rows)"
+    )
 
 
 def _split(text: str | None) -> tuple[str, ...] | None:
@@ -763,6 +771,7 @@ def config_from_args(args: argparse.Namespace) -> QualityConfig:
         crop=args.crop,
         threads=args.threads,
         out_dir=args.out,
+        ensemble=args.ensemble,
     )
 
 

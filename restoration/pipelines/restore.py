@@ -126,6 +126,7 @@ class RestoreConfig:
     max_pixels: int = codec.DEFAULT_MAX_PIXELS
     precision: str = "auto"  # "auto": bf16 on GPUs and on CPUs with bf16 units (AMX, AVX512-BF16), else fp32
     compile: bool = False  # torch.compile the model in each actor (see ModelRunner)
+    ensemble: bool = False  # average the 8 flips/rotations of each image (see ModelRunner): 8x the model's cost
 
     def __post_init__(self) -> None:
         if self.degrade:
@@ -259,10 +260,20 @@ class ModelRunner:
     library call per layer. The first batch of each input shape pays for the compilation (tens of seconds on a CPU,
     a few for every later shape, until shapes are treated as dynamic), so it pays off on long runs. Should the
     compiler fail (no C++ compiler on the node, say), the model runs as it is.
+
+    With `ensemble`, each image is restored in its 8 dihedral orientations (4 rotations, each mirrored or not) and
+    the 8 results, turned back, are averaged: the self-ensemble of Lim et al. 2017 (EDSR+) and Timofte et al. 2016.
+    The nets are not equivariant to these transforms, so their errors partly cancel; it costs 8 forward passes.
     """
 
     def __init__(
-        self, model: str, tile: int = 512, overlap: int = 32, precision: str = "auto", compile: bool = False
+        self,
+        model: str,
+        tile: int = 512,
+        overlap: int = 32,
+        precision: str = "auto",
+        compile: bool = False,
+        ensemble: bool = False,
     ) -> None:
         import torch
 
@@ -281,6 +292,7 @@ class ModelRunner:
         self.memory_format = torch.channels_last if self.bf16 else torch.contiguous_format
         self.net = net.to(self.device, memory_format=self.memory_format).eval()
         self.compiled = compile
+        self.ensemble = ensemble
         if compile:
             import torch._dynamo
 
@@ -322,7 +334,23 @@ class ModelRunner:
 
     def forward(self, x):
         """The model on a (B, C, H, W) batch on its device, in its memory format: tiled when larger than the tile, and
-        on CPUs in slices of at most CPU_FORWARD_PIXELS pixels. Call it under `torch.inference_mode()`."""
+        on CPUs in slices of at most CPU_FORWARD_PIXELS pixels; averaged over the 8 orientations with `ensemble`.
+        Call it under `torch.inference_mode()`."""
+        if not self.ensemble:
+            return self._sliced(x)
+        import torch
+
+        total = None
+        for mirrored in (False, True):
+            xm = x.flip(-1) if mirrored else x
+            for quarter_turns in range(4):
+                xt = torch.rot90(xm, quarter_turns, (-2, -1)).contiguous(memory_format=self.memory_format)
+                y = torch.rot90(self._sliced(xt).float(), -quarter_turns, (-2, -1))  # back to the input's orientation
+                y = y.flip(-1) if mirrored else y
+                total = y if total is None else total.add_(y)
+        return total.div_(8)
+
+    def _sliced(self, x):
         import torch
 
         b, _, h, w = x.shape
@@ -361,6 +389,7 @@ class RestoreActor:
         threads: int | None = None,
         precision: str = "auto",
         compile: bool = False,
+        ensemble: bool = False,
     ) -> None:
         import torch
 
@@ -370,7 +399,10 @@ class RestoreActor:
         if threads:
             torch.set_num_threads(threads)
         names = models_by_channels(model)
-        runners = {name: ModelRunner(name, tile, overlap, precision, compile) for name in dict.fromkeys(names.values())}
+        runners = {
+            name: ModelRunner(name, tile, overlap, precision, compile, ensemble)
+            for name in dict.fromkeys(names.values())
+        }
         self.runners = {c: runners[name] for c, name in names.items()}
 
     def runner(self, channels: int) -> ModelRunner:
@@ -509,7 +541,9 @@ def data_share(config: RestoreConfig, sample: dict | None) -> float | None:
     def decode() -> pa.Table:
         return decode_batch(batch, config.degrade, config.seed, config.max_pixels)
 
-    actor = RestoreActor(config.model, config.tile, config.overlap, precision=config.precision)
+    actor = RestoreActor(
+        config.model, config.tile, config.overlap, precision=config.precision, ensemble=config.ensemble
+    )
     decoded = decode()
     restored = actor(decoded)
     if restored.column("error")[0].as_py() is not None:
@@ -669,6 +703,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
             "threads": threads,
             "precision": config.precision,
             "compile": config.compile,
+            "ensemble": config.ensemble,
         },
         compute=ray.data.ActorPoolStrategy(size=workers),
         batch_format="pyarrow",
