@@ -324,12 +324,12 @@ def test_synthesis_jobs_and_a_scheduled_rerun_that_changes_nothing(cluster, s3):
 
     out = s3.uri("cluster", "generated")
     submission_id = f"synth-{secrets.token_hex(4)}"
-    common = ["--model", "dcgan-fmnist", "--count", "48", "--seed", "7", "--out", out]
+    common = ["--model", "dcgan-fmnist", "--count", "16", "--seed", "7", "--out", out]
     done = _submit(cluster, s3, submission_id, "jobs/synthesize.py", *common, "--run-id", "bulk", "--workers", "2")
     assert done.returncode == 0, _failure(done)
     assert _job(cluster, submission_id)["status"] == "SUCCEEDED"
     bulk = _samples(storage.join(out, "run_id=bulk"))
-    assert sorted(bulk) == list(range(48)) and len(set(bulk.values())) == 48
+    assert sorted(bulk) == list(range(16)) and len(set(bulk.values())) == 16
 
     # The scheduled job, twice under the same run id (a daily schedule firing again): the first writes the run, the
     # second finds it complete and leaves every object as it was.
@@ -344,6 +344,6 @@ def test_synthesis_jobs_and_a_scheduled_rerun_that_changes_nothing(cluster, s3):
         runs.append(_run_files(daily))
     assert runs[0] == runs[1]
     manifest = json.loads(storage.read_bytes(storage.join(daily, "_manifest.json")))
-    assert manifest["complete"] and manifest["rows_out"] == 48 and manifest["config"]["resume"]
+    assert manifest["complete"] and manifest["rows_out"] == 16 and manifest["config"]["resume"]
     # One actor on one node gave the same PNGs, byte for byte, as two actors on two nodes.
     assert _samples(daily) == bulk
