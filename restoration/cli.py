@@ -49,6 +49,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _quality(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in 1..100, got {text!r}") from None
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected an integer in 1..100, got {text!r}")
+    return value
+
+
 # `restoration bench NAME`: (name, module with add_arguments(parser) and run(args) -> exit code, help).
 BENCHMARKS = (
     ("quality", "restoration.bench.quality", "PSNR/SSIM and time of the restorers vs BM3D and classical denoisers"),
@@ -81,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_restore_arguments(p)
     p.set_defaults(func=_cmd_restore)
+
+    p = sub.add_parser(
+        "export",
+        help="write the images of a Parquet restore run as files, keeping the keys' folder tree",
+        description="Write the images of a finished Parquet restore run (OUT/run_id=<id>/) as image files under DEST "
+        "at their keys' relative paths (extension changed to the format written), then DEST/_errors.parquet (key "
+        "and reason of every row without a file) and DEST/_manifest.json. Running it again finishes an interrupted "
+        "export.",
+    )
+    p.add_argument("run", help="the run folder: OUT/run_id=<id> (local or s3://)")
+    p.add_argument("dest", help="folder or S3 prefix for the files")
+    p.add_argument("--image-format", choices=["png", "jpeg", "webp"], default="png", help="file format (default png)")
+    p.add_argument("--quality", type=_quality, default=95, help="JPEG/WebP quality 1-100 (default 95)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
         "synthesize", help="generate images in bulk (GAN/VAE) on Ray Data -> Parquet", description=_doc("synthesize")
@@ -143,6 +167,16 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the model in each actor: faster on long runs, after tens of seconds of compiling",
     )
+    p.add_argument(
+        "--format",
+        choices=["parquet", "files", "both"],
+        default="parquet",
+        help="parquet rows (default), image files under the run folder keeping the input's tree, or both",
+    )
+    p.add_argument(
+        "--image-format", choices=["png", "jpeg", "webp"], default="png", help="format of --format files (default png)"
+    )
+    p.add_argument("--quality", type=_quality, default=95, help="JPEG/WebP quality of the files, 1-100 (default 95)")
     p.add_argument(
         "--ensemble",
         action="store_true",
@@ -289,6 +323,9 @@ def restore_config(args: argparse.Namespace):
         precision=args.precision,
         compile=args.compile,
         ensemble=args.ensemble,
+        format=args.format,
+        image_format=args.image_format,
+        quality=args.quality,
     )
 
 
@@ -341,6 +378,14 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
     report = run_restore(restore_config(args))
     print(report.summary())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from restoration.files import export_run
+
+    report = export_run(args.run, args.dest, args.image_format, args.quality)
+    print(f"exported {report['files']} files ({report['errors']} errors) of {report['rows']} rows -> {args.dest}")
     return 0
 
 

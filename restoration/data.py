@@ -304,6 +304,21 @@ def count_rows(uri: str) -> int:
     return total
 
 
+def input_keys(uri: str) -> list[str]:
+    """Every key `read_images(uri)` yields, read here without Ray: the `key` column of the shards (only that column
+    is read), or the files' paths relative to `uri`."""
+    kind, files = input_files(uri)
+    fs, root = storage.resolve(uri)
+    if kind == "images":
+        base = _key_base(fs, root)
+        return [f[len(base) + 1 :] for f in files]
+    keys = []
+    for path in files:
+        with fs.open_input_file(path) as f:
+            keys += pq.ParquetFile(f).read(columns=["key"]).column("key").to_pylist()
+    return keys
+
+
 def _key_base(fs, root: str) -> str:
     """The folder that image keys are relative to: `root` itself, or the folder of a single image file."""
     return root if fs.get_file_info(root).type.name == "Directory" else posixpath.dirname(root)

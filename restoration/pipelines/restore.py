@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from restoration import codec, data, degrade, metrics, storage
+from restoration import codec, data, degrade, files, metrics, storage
 from restoration.cluster import DATA_TASK_CPUS
 
 # Between stages a row carries its pixels as raw bytes (H, W, C) — Arrow binary, no pickling, no copies beyond the one
@@ -64,6 +64,7 @@ STAGE_SCHEMA = pa.schema(
         ("model_sha256", pa.string()),
         ("model_applied", pa.string()),  # ... and how: "native", "per-channel" or "replicated"
         ("restored_at", pa.float64()),  # set by RestoreActor: Unix seconds when the model finished the row
+        ("icc_profile", pa.binary()),  # the source's colour profile, embedded in the output (codec.icc_for)
     ]
 )
 OUTPUT_SCHEMA = pa.schema(
@@ -86,6 +87,7 @@ OUTPUT_SCHEMA = pa.schema(
         # the pipeline's timeline, unblurred by the write, which encodes min_rows_per_file rows at a time.
         ("restored_at", pa.float64()),
         ("model_applied", pa.string()),  # "native", "per-channel" (gray model, colour image), "replicated" (converse)
+        ("file", pa.string()),  # with --format files/both: the image file written, relative to the run folder
     ]
 )
 
@@ -127,12 +129,23 @@ class RestoreConfig:
     precision: str = "auto"  # "auto": bf16 on GPUs and on CPUs with bf16 units (AMX, AVX512-BF16), else fp32
     compile: bool = False  # torch.compile the model in each actor (see ModelRunner)
     ensemble: bool = False  # average the 8 flips/rotations of each image (see ModelRunner): 8x the model's cost
+    format: str = "parquet"  # "parquet", "files" (images under the run folder, keeping the keys' tree) or "both"
+    image_format: str = "png"  # the files' format: png, jpeg or webp (see restoration.files)
+    quality: int = 95  # JPEG/WebP quality of the files
 
     def __post_init__(self) -> None:
         if self.degrade:
             degrade.parse_spec(self.degrade)  # fail before any work on a bad spec
         from restoration.device import PRECISIONS
 
+        if self.format not in files.FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(files.FORMATS)}, got {self.format!r}")
+        if self.image_format not in files.IMAGE_FORMATS:
+            raise ValueError(
+                f"--image-format must be one of {', '.join(files.IMAGE_FORMATS)}, got {self.image_format!r}"
+            )
+        if isinstance(self.quality, bool) or not isinstance(self.quality, int) or not 1 <= self.quality <= 100:
+            raise ValueError(f"--quality must be an integer in 1..100, got {self.quality!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("batch_size", "tile"):
@@ -240,6 +253,7 @@ def decode_batch(
                 "input_psnr": metrics.psnr(pixels, reference) if reference is not None else None,
                 "elapsed_ms": 1e3 * (time.perf_counter() - t0),
                 "error": None,
+                "icc_profile": decoded.icc_profile,
             }
         )
     return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
@@ -449,7 +463,8 @@ def _png_mode(channels: int, has_alpha: bool, bit_depth: int) -> str:
 
 
 def encode_batch(batch: pa.Table, model: str, model_sha256: str | None, run_id: str) -> pa.Table:
-    """Encode restored rows as PNG (alpha re-attached, 16-bit kept), with PSNR/SSIM against the reference.
+    """Encode restored rows as PNG (alpha re-attached, 16-bit kept, the colour profile embedded), with PSNR/SSIM
+    against the reference.
 
     Args:
         model, model_sha256: the run's model, for rows no model saw (they failed before restoring); restored rows
@@ -479,7 +494,9 @@ def encode_batch(batch: pa.Table, model: str, model_sha256: str | None, run_id: 
                 if row["alpha"] is not None:
                     dtype = np.uint16 if len(row["alpha"]) == 2 * h * w else np.uint8
                     alpha = np.frombuffer(row["alpha"], dtype=dtype).reshape(h, w)
-                png = codec.encode_png(restored, alpha=alpha, bit_depth=row["bit_depth"])
+                png = codec.encode_png(
+                    restored, alpha=alpha, bit_depth=row["bit_depth"], icc_profile=row.get("icc_profile")
+                )
                 result.update(image=png, width=w, height=h, mode=_png_mode(c, alpha is not None, row["bit_depth"]))
                 if row["reference"] is not None:
                     reference = _as_float(stage_pixels(row["reference"], h, w, c))
@@ -661,8 +678,11 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     run_sha256 = next(iter(loaded.values())).sha256 if len(loaded) == 1 else None  # rows name their own model
     run_id = config.run_id or default_run_id()
     out_uri = run_dir(config.output, run_id)
+    rows_uri = rows_dir(out_uri, config.format)
     data.input_files(config.input)  # fail fast on a missing or empty input, before Ray starts
     storage.ensure_bucket(config.output)
+    # Files: keys that would share a file name are known before the run, so every one of them is an error row.
+    clashes = files.collisions(data.input_keys(config.input), config.image_format) if config.format != "parquet" else {}
 
     init_ray()
     ds = data.read_images(config.input, extra_columns=("reference",), num_cpus=DATA_TASK_CPUS)
@@ -674,7 +694,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     staging = staging_dir(config.output, run_id)
     done = set()
     if config.resume:
-        done = set(read_output(out_uri, ["key"]).column("key").to_pylist())
+        done = set(read_output(rows_uri, ["key"]).column("key").to_pylist())
     elif storage.exists(out_uri):
         raise ValueError(f"{out_uri} already exists: pass --resume to finish that run, or choose another --run-id")
     remove_tree(staging)
@@ -721,14 +741,31 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         batch_size=config.batch_size,
         num_cpus=DATA_TASK_CPUS,
     )
-    t_write, t_commit = write_attempt(ds, staging, out_uri, "restore", run_id, min_rows_per_file=256)
+    if config.format != "parquet":
+        ds = ds.map_batches(
+            write_files,
+            fn_kwargs={
+                "run_uri": out_uri,
+                "image_format": config.image_format,
+                "quality": config.quality,
+                "clashes": ray.put(clashes),
+                "keep_image": config.format == "both",
+            },
+            batch_format="pyarrow",
+            batch_size=config.batch_size,
+            num_cpus=DATA_TASK_CPUS,
+        )
+    t_write, t_commit = write_attempt(ds, staging, rows_uri, "restore", run_id, min_rows_per_file=256)
     t_summary = time.perf_counter()
 
     # The manifest counts what is really in the output (earlier attempts of a resumed run included).
     written = read_output(
-        out_uri,
+        rows_uri,
         ["key", "width", "height", "psnr", "ssim", "input_psnr", "error", "model", "model_sha256", "model_applied"],
     )
+    if config.format == "files":  # the error rows beside the files, where a person looks for them
+        failed = written.filter(pc.invert(pc.is_null(written.column("error")))).select(["key", "error"])
+        storage.write_bytes(storage.join(out_uri, "_errors.parquet"), data.table_to_parquet(failed))
     errors = [e for e in written.column("error").to_pylist() if e is not None]
     stages = Counter(e.split(":", 1)[0] for e in errors)
     ok_mask = pc.is_null(written.column("error"))
@@ -774,6 +811,28 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     )
     storage.write_bytes(storage.join(out_uri, "_manifest.json"), json.dumps(asdict(report), indent=2).encode())
     return report
+
+
+def rows_dir(out_uri: str, output_format: str) -> str:
+    """Where a run's Parquet rows live: the run folder itself, or with `--format files` its `_rows/` (so that the
+    run folder holds the images, `_errors.parquet` and `_manifest.json`, and the rows stay for resume and reports)."""
+    return storage.join(out_uri, "_rows") if output_format == "files" else out_uri
+
+
+def write_files(batch: pa.Table, run_uri: str, image_format: str, quality: int, clashes, keep_image: bool) -> pa.Table:
+    """Ray Data stage of `--format files|both`: write each ok row's image as a file (`files.write_rows`).
+
+    Args:
+        clashes: `files.collisions` of the run's keys, or an object ref to it (shared by every task).
+    Returns:
+        The rows (OUTPUT_SCHEMA) with `file` set, `image` dropped unless `keep_image`, failures as error rows.
+    """
+    if not isinstance(clashes, dict):
+        import ray
+
+        clashes = ray.get(clashes)
+    rows = files.write_rows(batch.to_pylist(), run_uri, image_format, quality, clashes, keep_image)
+    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
 
 def phase_seconds(start: float, write: float, commit: float, summary: float, end: float) -> dict[str, float]:
