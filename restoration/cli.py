@@ -167,16 +167,7 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the model in each actor: faster on long runs, after tens of seconds of compiling",
     )
-    p.add_argument(
-        "--format",
-        choices=["parquet", "files", "both"],
-        default="parquet",
-        help="parquet rows (default), image files under the run folder keeping the input's tree, or both",
-    )
-    p.add_argument(
-        "--image-format", choices=["png", "jpeg", "webp"], default="png", help="format of --format files (default png)"
-    )
-    p.add_argument("--quality", type=_quality, default=95, help="JPEG/WebP quality of the files, 1-100 (default 95)")
+    _add_format_arguments(p, "image files under the run folder keeping the input's tree")
     p.add_argument(
         "--ensemble",
         action="store_true",
@@ -219,12 +210,27 @@ def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
         default="float64",
         help="float64 (default) keeps PNGs byte-identical across batchings; float32/bf16 are faster",
     )
+    _add_format_arguments(p, "image files OUT/run_id=<id>/<index>.png")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="use GPUs (default: if any)")
     p.add_argument(
         "--scheduled",
         action="store_true",
         help="a scheduled run: run id defaults to today's UTC date, and reruns resume or do nothing",
     )
+
+
+def _add_format_arguments(p: argparse.ArgumentParser, files_help: str) -> None:
+    """--format, --image-format and --quality of restore and synthesize (see restoration.files)."""
+    p.add_argument(
+        "--format",
+        choices=["parquet", "files", "both"],
+        default="parquet",
+        help=f"parquet rows (default), {files_help}, or both",
+    )
+    p.add_argument(
+        "--image-format", choices=["png", "jpeg", "webp"], default="png", help="format of the files (default png)"
+    )
+    p.add_argument("--quality", type=_quality, default=95, help="JPEG/WebP quality of the files, 1-100 (default 95)")
 
 
 def synthesize_config(args: argparse.Namespace):
@@ -248,6 +254,9 @@ def synthesize_config(args: argparse.Namespace):
         batch_size=args.batch_size,
         precision=args.precision,
         gpu=args.gpu,
+        format=args.format,
+        image_format=args.image_format,
+        quality=args.quality,
     )
 
 

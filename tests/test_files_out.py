@@ -265,3 +265,22 @@ def test_bad_format_arguments_are_one_line(capsys, tmp_path):
         assert len(err) == 1 and reason in err[0], err  # one line naming the value and what was expected
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "d")]) == 2
     assert capsys.readouterr().err.strip() == f"restoration: error: run not found: {tmp_path / 'nothing'}"
+
+
+@pytest.mark.slow
+def test_synthesis_files_are_the_parquet_images_and_a_rerun_resumes(ray_cluster, tmp_path, gan_file):
+    out = tmp_path / "gen"
+    common = ["synthesize", "--model", gan_file, "--count", "12", "--seed", "3", "--out", str(out)]
+    assert main([*common, "--run-id", "pq"]) == 0
+    reference = {r["index"]: r["image"] for r in read_output(str(out / "run_id=pq"), ["index", "image"]).to_pylist()}
+    assert main([*common, "--run-id", "f", "--format", "files"]) == 0
+    run = out / "run_id=f"
+    written = {p.name: p.read_bytes() for p in run.glob("*.png") if not p.name.startswith("_")}
+    assert written == {f"{i:012d}.png": reference[i] for i in range(12)}  # the same PNGs, byte for byte
+    assert (run / "_preview.png").exists() and pq.read_table(run / "_errors.parquet").num_rows == 0
+    manifest = json.loads((run / "_manifest.json").read_text())
+    assert manifest["rows_out"] == 12 and manifest["complete"] and manifest["config"]["format"] == "files"
+    # A rerun with --resume of the finished run changes nothing.
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    assert main([*common, "--run-id", "f", "--format", "files", "--resume"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before

@@ -29,13 +29,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from PIL import Image
 
-from restoration import codec, degrade, storage
+from restoration import codec, data, degrade, files, storage
 from restoration.cluster import DATA_TASK_CPUS
 from restoration.pipelines.restore import (
     default_run_id,
     phase_seconds,
     read_output,
     remove_tree,
+    rows_dir,
     run_dir,
     staging_dir,
     write_attempt,
@@ -59,6 +60,7 @@ OUTPUT_SCHEMA = pa.schema(
         # Unix seconds when the generator finished the row's batch (or the row failed): the run's timeline, unblurred
         # by the encode and the write, which take whole tasks of rows at a time.
         ("generated_at", pa.float64()),
+        ("file", pa.string()),  # with --format files/both: the image file written, relative to the run folder
     ]
 )
 # What the generator runs give: OUTPUT_SCHEMA with the image as raw uint8 samples (height, width, channels), which
@@ -83,7 +85,10 @@ ITEM_SCHEMA = pa.schema(
 
 # The fields that decide which images a run holds (not how it was scheduled): a finished run with the same ones is
 # left untouched by a rerun.
-_WORK_FIELDS = ("mode", "count", "seed", "truncation", "inputs", "pairs", "random_pairs", "steps", "slerp", "precision")
+_WORK_FIELDS = (
+    *("mode", "count", "seed", "truncation", "inputs", "pairs", "random_pairs", "steps", "slerp", "precision"),
+    *("format", "image_format", "quality"),
+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,9 @@ class SynthesizeConfig:
     batch_size: int = 64
     precision: str = "float64"  # float64 (reproducible across batchings), float32, bf16 (GPU)
     gpu: bool | None = None
+    format: str = "parquet"  # "parquet", "files" (OUT/run_id=<id>/<index>.png) or "both" (see restoration.files)
+    image_format: str = "png"  # the files' format: png, jpeg or webp
+    quality: int = 95  # JPEG/WebP quality of the files
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -123,6 +131,14 @@ class SynthesizeConfig:
             raise ValueError("--batch-size and --workers must be >= 1")
         if self.precision not in ("float64", "float32", "bf16"):
             raise ValueError(f"--precision must be float64, float32 or bf16, got {self.precision!r}")
+        if self.format not in files.FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(files.FORMATS)}, got {self.format!r}")
+        if self.image_format not in files.IMAGE_FORMATS:
+            raise ValueError(
+                f"--image-format must be one of {', '.join(files.IMAGE_FORMATS)}, got {self.image_format!r}"
+            )
+        if isinstance(self.quality, bool) or not isinstance(self.quality, int) or not 1 <= self.quality <= 100:
+            raise ValueError(f"--quality must be an integer in 1..100, got {self.quality!r}")
 
 
 def load_generator(name_or_path: str, mode: str):
@@ -327,6 +343,7 @@ class _Rows:
             "error": pa.array(self.error, pa.string()),
             "generated_at": pa.array(self.generated_at, pa.float64()),
             "channels": where_ok(channels),
+            "file": pa.nulls(n, pa.string()),  # set by `write_files` when the run writes files
         }
         schema = OUTPUT_SCHEMA if encode else PIXELS_SCHEMA
         return pa.table([columns[name] for name in schema.names], schema=schema)
@@ -479,6 +496,7 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
     loaded = load_generator(config.model, config.mode)  # fail fast, before Ray starts
     run_id = config.run_id or default_run_id()
     out_uri = run_dir(config.output, run_id)
+    rows_uri = rows_dir(out_uri, config.format)
     storage.ensure_bucket(config.output)
     if config.resume and storage.exists(storage.join(out_uri, "_manifest.json")):
         manifest = json.loads(storage.read_bytes(storage.join(out_uri, "_manifest.json")))
@@ -493,7 +511,7 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
     staging = staging_dir(config.output, run_id)
     done: set[int] = set()
     if config.resume:
-        done = set(read_output(out_uri, ["index"], OUTPUT_SCHEMA).column("index").to_pylist())
+        done = set(read_output(rows_uri, ["index"], OUTPUT_SCHEMA).column("index").to_pylist())
     elif storage.exists(out_uri):
         raise ValueError(f"{out_uri} already exists: pass --resume to finish that run, or choose another --run-id")
     remove_tree(staging)
@@ -532,15 +550,32 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
             # Encoding reserves less than an actor, so Ray Data keeps it out of the actor (it fuses operators only
             # when their reservations match).
             ds = ds.map_batches(encode_images, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
+        if config.format != "parquet":
+            ds = ds.map_batches(
+                write_files,
+                fn_kwargs={
+                    "run_uri": out_uri,
+                    "image_format": config.image_format,
+                    "quality": config.quality,
+                    "keep_image": config.format == "both",
+                },
+                batch_format="pyarrow",
+                num_cpus=DATA_TASK_CPUS,
+                concurrency=data_tasks,
+            )
         t_write, t_commit = write_attempt(
-            ds, staging, out_uri, "synthesis", run_id, min_rows_per_file=4096, concurrency=data_tasks
+            ds, staging, rows_uri, "synthesis", run_id, min_rows_per_file=4096, concurrency=data_tasks
         )
     t_summary = time.perf_counter()
 
-    written = read_output(out_uri, ["index", "error"], OUTPUT_SCHEMA)
+    written = read_output(rows_uri, ["index", "error", "file"], OUTPUT_SCHEMA)
     indices = written.column("index").to_numpy()
     errors = [e for e in written.column("error").to_pylist() if e is not None]
-    _write_preview(out_uri)
+    if config.format == "files":
+        failed = written.filter(pc.invert(pc.is_null(written.column("error"))))
+        failed = pa.table({"key": pc.cast(failed.column("index"), pa.string()), "error": failed.column("error")})
+        storage.write_bytes(storage.join(out_uri, "_errors.parquet"), data.table_to_parquet(failed))
+    _write_preview(out_uri, rows_uri)
     seconds = time.perf_counter() - t0
     phases = phase_seconds(t0, t_write, t_commit, t_summary, t0 + seconds)
     report = SynthesizeReport(
@@ -566,22 +601,44 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
     return report
 
 
-def _write_preview(out_uri: str, n: int = 64) -> None:
-    """`_preview.png`: the first n images of the run by index, in a grid."""
+def write_files(batch: pa.Table, run_uri: str, image_format: str, quality: int, keep_image: bool) -> pa.Table:
+    """Ray Data stage of `--format files|both`: each ok row's image as the file `<index, 12 digits>.<ext>` under the
+    run folder (`files.write_rows`). Returns the rows (OUTPUT_SCHEMA) with `file` set, `image` kept with `keep_image`."""
+    rows = batch.to_pylist()
+    keys = [row["key"] for row in rows]
+    for row in rows:
+        row["key"] = f"{row['index']:012d}"  # the file's name; the row keeps its own key
+    rows = files.write_rows(rows, run_uri, image_format, quality, {}, keep_image)
+    for row, key in zip(rows, keys, strict=True):
+        row["key"] = key
+    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+
+
+def _write_preview(out_uri: str, rows_uri: str | None = None, n: int = 64) -> None:
+    """`_preview.png`: the first n images of the run by index, in a grid (read from the rows' `image`, or from the
+    files the rows name when the run wrote files only)."""
     import torch
 
     from restoration.train.gan_core import image_grid
 
-    fs, root = storage.resolve(out_uri)
-    files = [i.path for i in storage.list_files(out_uri) if i.path.endswith(".parquet")]
-    if not files:
+    rows_uri = rows_uri or out_uri
+    fs, root = storage.resolve(rows_uri)
+    parts = [
+        i.path for i in storage.list_files(rows_uri) if i.path.endswith(".parquet") and "/_" not in i.path[len(root) :]
+    ]
+    if not parts:
         return
-    dataset = pads.dataset(files, filesystem=fs, format="parquet")
-    table = dataset.to_table(columns=["index", "image"], filter=(pc.field("index") < n) & pc.field("image").is_valid())
+    dataset = pads.dataset(parts, filesystem=fs, format="parquet")
+    wanted = pc.field("index") < n
+    table = dataset.to_table(columns=["index", "image", "file"], filter=wanted & pc.field("error").is_null())
     if table.num_rows == 0:
         return
     table = table.sort_by("index")
-    images = [codec.decode(b).pixels for b in table.column("image").to_pylist()]
+    blobs = [
+        image if image is not None else storage.read_bytes(storage.join(out_uri, file))
+        for image, file in zip(table.column("image").to_pylist(), table.column("file").to_pylist(), strict=True)
+    ]
+    images = [codec.decode(b).pixels for b in blobs]
     channels = max(im.shape[2] for im in images)
     tensor = torch.stack(
         [torch.from_numpy(np.repeat(im, channels // im.shape[2], axis=2)).permute(2, 0, 1) for im in images]
