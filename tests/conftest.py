@@ -1,6 +1,6 @@
 """Shared fixtures: one embedded S3 server and one local Ray per test session, and the datasets.
 
-Tests that need neither never start them (the fixtures are lazy). Datasets come from `../shared/datasets` beside the
+Tests that need neither never start them (the fixtures are lazy), and tests that need one are marked `slow`. Datasets come from `../shared/datasets` beside the
 checkout; on a clone without it, the same tests run on photos that ship inside scikit-image, converted to match.
 Fashion-MNIST comes from the Debian package that `make test` installs; every test that needs it takes the
 `fashion_mnist` fixture, which skips with the same reason where the package is missing. The datasets that several
@@ -20,6 +20,17 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 FASHION_MNIST_REASON = "needs the Debian package dataset-fashion-mnist (make test installs it)"
+
+
+# Fixtures that start a real component (the S3 server, a local Ray, a two-node cluster) or train a model take seconds to
+# tens of seconds: a test that uses one is `slow`, so `make test-fast` runs the pure-Python tests alone.
+SLOW_FIXTURES = {"s3", "ray_cluster", "cluster", "train400_shards", "fmnist_test_shards", "trained_model"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

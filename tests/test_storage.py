@@ -91,6 +91,7 @@ def test_redact_scrubs_the_session_token(monkeypatch):
     assert token not in repr(settings) and "IQoJ" not in repr(settings)
 
 
+@pytest.mark.slow  # starts S3 servers of its own
 def test_two_servers_do_not_collide_and_restart_keeps_data(tmp_path):
     with EmbeddedS3() as a, EmbeddedS3(data_dir=tmp_path / "b") as b:
         assert a.port != b.port
@@ -140,6 +141,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # starts S3 servers of its own
 def test_s3_server_command_serves_on_the_given_port_and_stops_on_interrupt(tmp_path):
     port = free_port()
     command = [sys.executable, "-m", "restoration.cli", "s3-server", "--data-dir", str(tmp_path), "--port", str(port)]
