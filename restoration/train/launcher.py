@@ -102,6 +102,18 @@ def validation_batches(batch_size: int):
     return shard_batches("val", batch_size) if rank == 0 else iter(())
 
 
+def from_rank0(value: Any) -> Any:
+    """`value` as rank 0 holds it, on every rank: a broadcast when the run has several workers (a decision that
+    every rank must take alike, such as when to stop), `value` itself otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def resume(stateful: dict[str, Any]) -> int:
     """Load the checkpoint this attempt starts from (if any) into models/optimizers by their state.pt keys.
 
