@@ -100,7 +100,9 @@ class ThroughputConfig:
     train_epochs: int = 4
     train_steps_per_epoch: int = 50
     scale_check: bool = False
-    store: str | None = None  # s3://bucket/prefix; None: an embedded SeaweedFS server
+    store: str | None = None  # s3://bucket/prefix; None: an embedded SeaweedFS server (or `local`)
+    local: str | None = None  # a local folder instead of S3: no S3 server, and the naive script reads/writes files
+    naive_count: int | None = None  # images the naive script restores (the first ones); None: all of them
     out_dir: str = "bench-output"
     seed: int = 0
 
@@ -119,6 +121,10 @@ class ThroughputConfig:
             raise ValueError(f"--noise must be >= 0 and --shard-mb > 0, got {self.noise} and {self.shard_mb}")
         if self.store is not None and not storage.is_s3(self.store):
             raise ValueError(f"--store must be an s3://bucket/prefix URI, got {self.store!r}")
+        if self.local is not None and (self.store is not None or storage.is_s3(self.local)):
+            raise ValueError(f"--local takes a local folder and excludes --store, got {self.local!r}")
+        if self.naive_count is not None and self.naive_count < 1:
+            raise ValueError(f"--naive-count must be >= 1, got {self.naive_count}")
 
 
 # ------------------------------------------------------------------------------------------------------- the work
@@ -664,10 +670,16 @@ def _split_s3(uri: str) -> tuple[str, str]:
 
 
 def upload(work: list[WorkImage], prefix_uri: str, threads: int = 8) -> float:
-    """PUT each image as its own object under `prefix_uri`. Returns the seconds taken."""
+    """PUT each image as its own object under `prefix_uri` (or write it as a file under a local folder). Returns the
+    seconds taken."""
+    t0 = time.perf_counter()
+    if not storage.is_s3(prefix_uri):
+        Path(prefix_uri).mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda w: Path(prefix_uri, w.key).write_bytes(w.png), work))
+        return time.perf_counter() - t0
     bucket, prefix = _split_s3(prefix_uri)
     client = storage.boto3_client()
-    t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda w: client.put_object(Bucket=bucket, Key=f"{prefix}/{w.key}", Body=w.png), work))
     return time.perf_counter() - t0
@@ -779,7 +791,8 @@ def run_ours(
 
 
 def run_naive(model: str, raw_uri: str, out_uri: str, keys: list[str], threads: int) -> dict:
-    """The script a user writes without the pipeline: one image at a time, get -> decode -> forward -> encode -> put.
+    """The script a user writes without the pipeline: one image at a time, get -> decode -> forward -> encode -> put
+    (on local folders: read the file -> ... -> write the file).
 
     Returns:
         {"images", "megapixels", "seconds", "cpu_s", "mp_per_s", "threads", "resources"}.
@@ -790,9 +803,26 @@ def run_naive(model: str, raw_uri: str, out_uri: str, keys: list[str], threads: 
     from restoration.pipelines.restore import load_restorer
 
     torch.set_num_threads(threads)
-    bucket, src = _split_s3(raw_uri)
-    out_bucket, dest = _split_s3(out_uri)
-    client = storage.boto3_client()
+    if storage.is_s3(raw_uri):
+        bucket, src = _split_s3(raw_uri)
+        out_bucket, dest = _split_s3(out_uri)
+        client = storage.boto3_client()
+
+        def get(key: str) -> bytes:
+            return client.get_object(Bucket=bucket, Key=f"{src}/{key}")["Body"].read()
+
+        def put(key: str, body: bytes) -> None:
+            client.put_object(Bucket=out_bucket, Key=f"{dest}/{key}", Body=body)
+
+    else:
+        Path(out_uri).mkdir(parents=True, exist_ok=True)
+
+        def get(key: str) -> bytes:
+            return Path(raw_uri, key).read_bytes()
+
+        def put(key: str, body: bytes) -> None:
+            Path(out_uri, key).write_bytes(body)
+
     loaded = load_restorer(model)
     device = default_device()
     net = loaded.module.to(device).eval()
@@ -801,7 +831,7 @@ def run_naive(model: str, raw_uri: str, out_uri: str, keys: list[str], threads: 
     with ResourceSampler(reset_workers=False) as sampler:
         t0, cpu0 = time.perf_counter(), _own_cpu()
         for key in keys:
-            body = client.get_object(Bucket=bucket, Key=f"{src}/{key}")["Body"].read()
+            body = get(key)
             image = Image.open(io.BytesIO(body)).convert(mode)
             x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
             x = (x[None, None] if mode == "L" else x.permute(2, 0, 1)[None]).to(device)  # (1, C, H, W)
@@ -810,7 +840,7 @@ def run_naive(model: str, raw_uri: str, out_uri: str, keys: list[str], threads: 
             restored = (y[0] * 255).round().byte().permute(1, 2, 0).squeeze(-1).cpu().numpy()
             buf = io.BytesIO()
             Image.fromarray(restored).save(buf, format="PNG")
-            client.put_object(Bucket=out_bucket, Key=f"{dest}/{key}", Body=buf.getvalue())
+            put(key, buf.getvalue())
             megapixels += image.width * image.height / 1e6
         seconds, cpu_s = time.perf_counter() - t0, _own_cpu() - cpu0
     return {
@@ -900,8 +930,9 @@ def bench_restore(config: ThroughputConfig, env: dict, progress: Callable[[str],
     ours["steady_over_limit"] = ours["steady_valid"] and ours["steady_mp_per_s"] > STEADY_SLACK * limit["mp_per_s"]
     ours["steady_valid"] = ours["steady_valid"] and not ours["steady_over_limit"]
 
-    progress(f"restore: naive (sequential, {env['default_threads']} torch threads)")
-    naive = run_naive(config.model, staged["raw"], storage.join(root, "naive"), keys, env["default_threads"])
+    naive_keys = keys[: config.naive_count]
+    progress(f"restore: naive ({len(naive_keys)} images, sequential, {env['default_threads']} torch threads)")
+    naive = run_naive(config.model, staged["raw"], storage.join(root, "naive"), naive_keys, env["default_threads"])
 
     # A shared VM's speed drifts by tens of percent within minutes, and ours ran minutes after the limit: a shorter
     # limit loop at the end brackets the runs, so a ratio off by the drift shows as such.
@@ -1240,8 +1271,8 @@ def _environment(default_threads: int) -> dict:
 def benchmark(config: ThroughputConfig, progress: Callable[[str], None] = lambda line: None) -> dict:
     """Run the selected sections and return every number measured (what `write_report` writes as JSON).
 
-    Uses the S3 of `config.store` (with the `AWS_*` variables of the environment), or starts an embedded SeaweedFS
-    server; uses the Ray of `RAY_ADDRESS` or an already initialised one, or starts (and stops) a local one.
+    Uses the S3 of `config.store` (with the `AWS_*` variables of the environment), the local folder `config.local`,
+    or starts an embedded SeaweedFS server; uses the Ray of `RAY_ADDRESS` or an already initialised one, or starts (and stops) a local one.
 
     Args:
         config: what to measure.
@@ -1259,7 +1290,9 @@ def benchmark(config: ThroughputConfig, progress: Callable[[str], None] = lambda
     default_threads = torch.get_num_threads()
     tag = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     server, saved_env = None, {}
-    if config.store is None:
+    if config.local is not None:
+        root = storage.join(config.local, tag)
+    elif config.store is None:
         server = EmbeddedS3().start()
         saved_env = {k: os.environ.get(k) for k in server.env}
         os.environ.update(server.env)  # before Ray starts: its workers inherit these
@@ -1673,6 +1706,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-steps-per-epoch", type=int, default=d.train_steps_per_epoch, help="(default 50)")
     parser.add_argument("--scale-check", action="store_true", help="also run ours at --count and 10x --count images")
     parser.add_argument("--store", default=None, help="s3://bucket/prefix to use (default: an embedded SeaweedFS)")
+    parser.add_argument("--local", default=None, help="work in this local folder instead of S3 (no S3 server)")
+    parser.add_argument("--naive-count", type=int, default=None, help="images for the naive script (default: all)")
     parser.add_argument("--out", default=d.out_dir, help="output folder (default ./bench-output)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the crops and the noise (default 0)")
 
@@ -1704,6 +1739,8 @@ def config_from_args(args: argparse.Namespace) -> ThroughputConfig:
         train_steps_per_epoch=args.train_steps_per_epoch,
         scale_check=args.scale_check,
         store=args.store,
+        local=args.local,
+        naive_count=args.naive_count,
         out_dir=args.out,
         seed=args.seed,
     )
