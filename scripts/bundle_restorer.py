@@ -1,7 +1,7 @@
 """Bundle a trained restorer: copy a run's exported model into restoration/weights/ with its JSON record.
 
     python scripts/bundle_restorer.py RUN_MODEL_FILE NAME --task "..." --command "restoration train ..." \
-        [--eval-images DIR|color-samples] [--wall-seconds S]
+        [--eval-images DIR|color-samples] [--wall-seconds S] [--device "NVIDIA H200 (GPU kit)"]
 
 The record holds what made the model (preset, training config, command, wall time) and what it measures on the
 evaluation images with the benchmark protocol (noise added in float with seed 0, not clipped; PSNR on the whole image,
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"folder of evaluation images (default: Set12), or {COLOR_SAMPLES!r}: the 7 photos of bench quality --color",
     )
     p.add_argument("--wall-seconds", type=float, default=None, help="training wall time, all sessions together")
+    p.add_argument("--device", default=None, help="what trained it (default: this project's 2-core CPU)")
     p.add_argument("--note", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -91,9 +92,12 @@ def main(argv: list[str] | None = None) -> int:
             "train_config": loaded.meta.get("train_config"),
             "best_epoch": loaded.meta.get("epoch"),
             "wall_seconds": args.wall_seconds,
-            "device": "CPU (2 cores, bfloat16 autocast on AMX)"
-            if loaded.meta.get("train_config", {}).get("precision") == "bf16"
-            else "CPU",
+            "device": args.device
+            or (
+                "CPU (2 cores, bfloat16 autocast on AMX)"
+                if loaded.meta.get("train_config", {}).get("precision") == "bf16"
+                else "CPU"
+            ),
         },
         "metrics": {
             "protocol": "noise N(0, sigma/255) added in float, not clipped, seeded per image; JPEG via Pillow; PSNR "
