@@ -132,11 +132,12 @@ PRESETS: dict[str, dict] = {
         arch="fast", depth=12, width=64, patch_size=64, batch_size=32, steps_per_epoch=500, epochs=60,
         sigma_min=0.0, sigma_max=55.0, lr=1e-3, precision="bf16",
     ),
-    # One gray model for noise, JPEG (q 10-90) and mild blur, fine-tuned from the bundled denoiser.
+    # One gray model for noise, JPEG (q 10-90) and mild blur, fine-tuned further from the bundled restore-gray (the
+    # bundled denoise-gray is now a U-Net, another architecture).
     "restore-gray-bf16": dict(
         arch="fast", depth=12, width=64, patch_size=64, batch_size=32, steps_per_epoch=500, epochs=20,
         sigma_min=0.0, sigma_max=55.0, noise_p=0.7, jpeg_p=0.4, blur_p=0.2, lr=5e-4, precision="bf16",
-        init_from="denoise-gray",
+        init_from="restore-gray",
     ),
     # Blind RGB denoiser (FFDNet's colour body: 12 layers, 96 channels) for colour photos, e.g. LIVE1.
     "denoise-color-bf16": dict(
