@@ -31,6 +31,16 @@ RESERVED = ("_rows", "_errors.parquet", "_manifest.json", "_staging", "_preview.
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
+def check_options(output_format: str, image_format: str, quality: int) -> None:
+    """Validate a run's `--format`, `--image-format` and `--quality`; ValueError names the bad value."""
+    if output_format not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"--quality must be an integer in 1..100, got {quality!r}")
+
+
 class UnsafeKey(ValueError):
     """A key that cannot name a file inside the run folder (the row's error says why)."""
 
@@ -178,8 +188,9 @@ def export_run(run_uri: str, dest: str, image_format: str = "png", quality: int 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
+    from restoration import data
+
+    check_options("files", image_format, quality)
     fs, root = storage.resolve(run_uri)
     if storage.file_info(run_uri).type.name == "NotFound":
         raise storage.StorageError(f"run not found: {run_uri}")
@@ -209,9 +220,7 @@ def export_run(run_uri: str, dest: str, image_format: str = "png", quality: int 
                     else:
                         failed.append({"key": row["key"], "error": row["error"]})
     errors = pa.Table.from_pylist(failed, schema=pa.schema([("key", pa.string()), ("error", pa.string())]))
-    sink = io.BytesIO()
-    pq.write_table(errors, sink)
-    storage.write_bytes(storage.join(dest, "_errors.parquet"), sink.getvalue())
+    storage.write_bytes(storage.join(dest, "_errors.parquet"), data.table_to_parquet(errors))
     report = {"run": run_uri, "dest": dest, "rows": len(keys), "files": written, "errors": len(failed)}
     report["image_format"] = image_format
     storage.write_bytes(storage.join(dest, "_manifest.json"), json.dumps(report, indent=2).encode())

@@ -138,14 +138,7 @@ class RestoreConfig:
             degrade.parse_spec(self.degrade)  # fail before any work on a bad spec
         from restoration.device import PRECISIONS
 
-        if self.format not in files.FORMATS:
-            raise ValueError(f"--format must be one of {', '.join(files.FORMATS)}, got {self.format!r}")
-        if self.image_format not in files.IMAGE_FORMATS:
-            raise ValueError(
-                f"--image-format must be one of {', '.join(files.IMAGE_FORMATS)}, got {self.image_format!r}"
-            )
-        if isinstance(self.quality, bool) or not isinstance(self.quality, int) or not 1 <= self.quality <= 100:
-            raise ValueError(f"--quality must be an integer in 1..100, got {self.quality!r}")
+        files.check_options(self.format, self.image_format, self.quality)
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("batch_size", "tile"):

@@ -131,14 +131,7 @@ class SynthesizeConfig:
             raise ValueError("--batch-size and --workers must be >= 1")
         if self.precision not in ("float64", "float32", "bf16"):
             raise ValueError(f"--precision must be float64, float32 or bf16, got {self.precision!r}")
-        if self.format not in files.FORMATS:
-            raise ValueError(f"--format must be one of {', '.join(files.FORMATS)}, got {self.format!r}")
-        if self.image_format not in files.IMAGE_FORMATS:
-            raise ValueError(
-                f"--image-format must be one of {', '.join(files.IMAGE_FORMATS)}, got {self.image_format!r}"
-            )
-        if isinstance(self.quality, bool) or not isinstance(self.quality, int) or not 1 <= self.quality <= 100:
-            raise ValueError(f"--quality must be an integer in 1..100, got {self.quality!r}")
+        files.check_options(self.format, self.image_format, self.quality)
 
 
 def load_generator(name_or_path: str, mode: str):
