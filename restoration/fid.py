@@ -24,7 +24,6 @@ disturbed rows makes images that look worse to this network than visibly damaged
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
 import os
@@ -39,49 +38,18 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from restoration.checkpoint import LoadedModel, load_named, model_label
+from restoration.metrics import image_grid
 from restoration.models.classifier import CHANNELS, IMAGE_SIZE, Classifier
-from restoration.sources import FASHION_MNIST_DIR, IdxSource, read_idx
-from restoration.storage import StorageError
+from restoration.sources import FASHION_MNIST_DIR, FASHION_MNIST_ENV, read_fashion_mnist
 
-FASHION_MNIST_ENV = "RESTORATION_FASHION_MNIST"  # overrides the default folder of the idx files
 DEFAULT_EXTRACTOR = "fmnist-classifier"  # bundled in restoration/weights
 DEFAULT_MODELS = ("dcgan-fmnist", "vae-fmnist")
 GENERATOR_KINDS = ("dcgan", "vae")
-SPLITS = ("train", "test")
 TEST_SPLIT_SIZE = 10000  # images in the Fashion-MNIST test split, the most one row can compare against
 GRID_SAMPLES = 64  # images in each <model>_samples.png, 8 x 8
 
 
 # --- Data ---------------------------------------------------------------------------------------------------------
-
-
-def fashion_mnist_folder(folder: str | os.PathLike | None = None) -> str:
-    """The folder of the Fashion-MNIST idx files: `folder`, else $RESTORATION_FASHION_MNIST, else the Debian path."""
-    if folder is not None:
-        return os.fspath(folder)
-    return os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR
-
-
-@functools.lru_cache(maxsize=4)
-def _read_split(folder: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 28, 28) uint8 images and (N,) uint8 labels of one split, read once per process."""
-    hint = (
-        f"install the dataset with `apt-get install dataset-fashion-mnist`, or point --fashion-mnist or "
-        f"${FASHION_MNIST_ENV} at a folder holding the idx files"
-    )
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"Fashion-MNIST folder {folder} does not exist: {hint}")
-    try:
-        images_path, labels_path = IdxSource(folder, split).paths()
-    except StorageError as err:
-        raise FileNotFoundError(f"Fashion-MNIST {split} split not found in {folder} ({err}): {hint}") from None
-    images, labels = read_idx(images_path), read_idx(labels_path)
-    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or labels.shape != images.shape[:1]:
-        raise ValueError(
-            f"{images_path} holds images {images.shape} and {labels_path} labels {labels.shape}: "
-            f"expected (N, {IMAGE_SIZE}, {IMAGE_SIZE}) and (N,)"
-        )
-    return images, labels
 
 
 def load_fashion_mnist(split: str, folder: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
@@ -95,9 +63,7 @@ def load_fashion_mnist(split: str, folder: str | os.PathLike | None = None) -> t
     Raises:
         FileNotFoundError: naming the folder and how to install the dataset.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
-    images, labels = _read_split(fashion_mnist_folder(folder), split)
+    images, labels = read_fashion_mnist(split, folder)
     x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]  # (N, 1, 28, 28)
     return x, torch.from_numpy(labels.astype(np.int64))
 
@@ -294,8 +260,6 @@ def generate(model_name_or_path: str, n: int, seed: int = 0, batch_size: int = 5
 
 
 def _save_grid(path: Path, images: Tensor) -> None:
-    from restoration.train.gan_core import image_grid
-
     Image.fromarray(image_grid(images[:GRID_SAMPLES], nrow=8)).save(path)
 
 

@@ -1,4 +1,4 @@
-"""Image quality metrics (PSNR, SSIM) and contact sheets for looking at results.
+"""Image quality metrics (PSNR, SSIM), and image grids and contact sheets for looking at results.
 
 PSNR follows the standard denoising protocol: mean squared error over every pixel and channel of the full image,
 data range 1 for [0, 1] floats. SSIM is the structural similarity index of Wang, Bovik, Sheikh and Simoncelli,
@@ -225,3 +225,34 @@ def contact_sheet(
         new_h = max(1, round(sheet.height * max_width / sheet.width))
         sheet = sheet.resize((int(max_width), new_h), Image.Resampling.LANCZOS)
     return np.asarray(sheet, dtype=np.uint8).copy()
+
+
+def image_grid(images, nrow: int = 8, padding: int = 2) -> np.ndarray:
+    """Tile images into one RGB picture, `nrow` images per row, black `padding` pixels around and between them.
+
+    Args:
+        images: (B, C, H, W) array or CPU/GPU tensor with C in {1, 3} and values in [0, 1] (clipped); gray is
+            repeated into RGB.
+        nrow: images per row (>= 1); the last row is left black where images run out.
+        padding: pixels of border (>= 0).
+    Returns:
+        uint8 array (rows * (H + padding) + padding, cols * (W + padding) + padding, 3), cols = min(nrow, B).
+    """
+    if hasattr(images, "detach"):  # a torch tensor, without importing torch here
+        images = images.detach().float().cpu().numpy()
+    pixels = np.asarray(images, dtype=np.float32)
+    if pixels.ndim != 4 or pixels.shape[0] < 1 or pixels.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (B >= 1, 1 or 3, H, W), got {tuple(pixels.shape)}")
+    if nrow < 1 or padding < 0:
+        raise ValueError(f"nrow={nrow!r} must be >= 1 and padding={padding!r} >= 0")
+    if not np.isfinite(pixels).all():
+        raise ValueError("images contain NaN or infinite values; expected values in [0, 1]")
+    pixels = np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+    pixels = np.broadcast_to(pixels, (pixels.shape[0], 3, *pixels.shape[2:])).transpose(0, 2, 3, 1)  # (B, H, W, 3)
+    b, h, w, _ = pixels.shape
+    cols, rows = min(nrow, b), math.ceil(b / nrow)
+    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        top, left = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
+        grid[top : top + h, left : left + w] = image
+    return grid

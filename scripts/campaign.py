@@ -37,10 +37,11 @@ import torch
 
 from restoration.checkpoint import load_model, save_model
 from restoration.models.restorer import RestorerConfig, build
-from restoration.train.patches import PatchSampler, load_images
+from restoration.sources import datasets_dir, load_images
+from restoration.train.patches import PatchSampler
 from restoration.train.restorer_core import NoiseSpec, add_noise, evaluate_psnr
 
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+DATASETS = datasets_dir()
 VAL_SIGMAS = (15, 25, 50)
 
 

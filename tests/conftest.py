@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from restoration.sources import datasets_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+SHARED_DATASETS = datasets_dir()
 FASHION_MNIST_REASON = "needs the Debian package dataset-fashion-mnist (make test installs it)"
 
 
@@ -105,7 +107,7 @@ def set12(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fashion_mnist() -> Path:
     """The Fashion-MNIST idx folder ($RESTORATION_FASHION_MNIST, else the Debian package's); skips where it is missing."""
-    from restoration.fid import fashion_mnist_folder
+    from restoration.sources import fashion_mnist_folder
 
     path = Path(fashion_mnist_folder())
     if not path.is_dir():

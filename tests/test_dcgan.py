@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from restoration.checkpoint import ModelFileError, load_model, save_model
+from restoration.metrics import image_grid
 from restoration.models import MODELS
 from restoration.models.dcgan import DCGAN, LAYOUTS, DCGANConfig, sample_latent
 from restoration.sources import read_idx
@@ -20,7 +21,6 @@ from restoration.train.gan_core import (
     feature_distance,
     g_loss_nonsaturating,
     gan_step,
-    image_grid,
     make_optimizers,
 )
 

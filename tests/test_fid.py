@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from restoration import fid as F
+from restoration import sources
 from restoration.checkpoint import load_model, load_named, model_to_bytes
 from restoration.models.classifier import Classifier, ClassifierConfig
 from restoration.train.classifier import ClassifierFitConfig, augment, evaluate_accuracy, fit_classifier
@@ -72,7 +73,7 @@ def test_missing_dataset_names_folder_and_fix(tmp_path, monkeypatch):
         F.load_fashion_mnist("test", missing)
     assert str(missing) in str(err.value)
     # The environment variable replaces the default folder; an empty folder lacks the idx files.
-    monkeypatch.setenv(F.FASHION_MNIST_ENV, str(tmp_path))
+    monkeypatch.setenv(sources.FASHION_MNIST_ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*apt-get install dataset-fashion-mnist"):
         F.load_fashion_mnist("train")
     with pytest.raises(ValueError, match="split='validation'"):

@@ -17,12 +17,13 @@ from PIL import Image
 
 from restoration.bench.throughput import ThroughputConfig
 from restoration.checkpoint import load_model
+from restoration.sources import datasets_dir
 from restoration.train.restorer import RestorerTrainConfig, init_weights, plan_epochs
 from restoration.train.run import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "scripts" / "device" / "run.sh"
-SHARED_LIVE1 = REPO.parent / "shared" / "datasets" / "LIVE1"
+SHARED_LIVE1 = datasets_dir() / "LIVE1"
 
 
 def _load_kit():

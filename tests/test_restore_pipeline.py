@@ -30,7 +30,7 @@ from restoration.pipelines.restore import (
     run_restore,
     stage_pixels,
 )
-from restoration.train.patches import load_images
+from restoration.sources import load_images
 from restoration.train.restorer_core import FitConfig, NoiseSpec, fit_restorer
 
 

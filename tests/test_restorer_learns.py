@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,8 @@ from PIL import Image
 from torch import nn
 
 from restoration.models.restorer import Restorer, RestorerConfig
-from restoration.train.patches import PatchSampler, load_images
+from restoration.sources import datasets_dir, load_images
+from restoration.train.patches import PatchSampler
 from restoration.train.restorer_core import (
     FitConfig,
     NoiseSpec,
@@ -25,7 +25,7 @@ from restoration.train.restorer_core import (
     restorer_step,
 )
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+DATASETS = datasets_dir()
 
 
 def _gray(array: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from restoration import degrade, metrics, samples
-from restoration.train.patches import IMAGE_SUFFIXES, load_images
+from restoration.sources import IMAGE_SUFFIXES, load_images
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_GRAY_FOLDER = REPO.parent / "shared" / "datasets" / "Set12"

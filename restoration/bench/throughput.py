@@ -63,7 +63,7 @@ import pyarrow as pa
 from PIL import Image
 
 from restoration import codec, data, samples, storage
-from restoration.train.patches import IMAGE_SUFFIXES
+from restoration.sources import IMAGE_SUFFIXES
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATASETS = REPO.parent / "shared" / "datasets"

@@ -612,7 +612,7 @@ def _write_preview(out_uri: str, rows_uri: str | None = None, n: int = 64) -> No
     files the rows name when the run wrote files only)."""
     import torch
 
-    from restoration.train.gan_core import image_grid
+    from restoration.metrics import image_grid
 
     rows_uri = rows_uri or out_uri
     fs, root = storage.resolve(rows_uri)

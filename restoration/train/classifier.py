@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -227,7 +228,7 @@ def evaluate_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_si
 
 def main(argv: list[str] | None = None) -> int:
     """Train on the Fashion-MNIST train split, score on the test split, write the model file and its JSON record."""
-    from restoration.fid import load_fashion_mnist
+    from restoration.sources import read_fashion_mnist
 
     parser = argparse.ArgumentParser(prog="python -m restoration.train.classifier", description=__doc__)
     parser.add_argument(
@@ -242,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     config = ClassifierFitConfig(epochs=args.epochs, time_budget_s=args.seconds, seed=args.seed)
-    train_x, train_y = load_fashion_mnist("train", args.fashion_mnist)
-    test_x, test_y = load_fashion_mnist("test", args.fashion_mnist)
+
+    def split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = read_fashion_mnist(name, args.fashion_mnist)  # (N, 28, 28) uint8, (N,) uint8
+        return torch.from_numpy(images.astype(np.float32) / 255.0)[:, None], torch.from_numpy(labels.astype(np.int64))
+
+    (train_x, train_y), (test_x, test_y) = split("train"), split("test")
 
     def log(entry: dict) -> None:
         print(

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from restoration.checkpoint import save_model
+from restoration.metrics import image_grid
 from restoration.models.dcgan import DCGAN, DCGANConfig
 from restoration.train import launcher
-from restoration.train.gan_core import ema_update, feature_distance, gan_step, image_grid, make_optimizers
+from restoration.train.gan_core import ema_update, feature_distance, gan_step, make_optimizers
 
 
 @dataclass(frozen=True)

@@ -160,33 +160,6 @@ def make_optimizers(model: DCGAN, lr: float = 2e-4, betas: tuple[float, float] =
     return opt_g, opt_d
 
 
-def image_grid(images: Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
-    """Tile images into one RGB picture, `nrow` images per row, black `padding` pixels around and between them.
-
-    Args:
-        images: (B, C, H, W) with C in {1, 3} and values in [0, 1] (clipped); gray is repeated into RGB.
-        nrow: images per row (>= 1); the last row is left black where images run out.
-        padding: pixels of border (>= 0).
-    Returns:
-        uint8 array (rows * (H + padding) + padding, cols * (W + padding) + padding, 3), cols = min(nrow, B).
-    """
-    if images.ndim != 4 or images.shape[0] < 1 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape (B >= 1, 1 or 3, H, W), got {tuple(images.shape)}")
-    if nrow < 1 or padding < 0:
-        raise ValueError(f"nrow={nrow!r} must be >= 1 and padding={padding!r} >= 0")
-    pixels = images.detach().float().cpu()
-    if not torch.isfinite(pixels).all():
-        raise ValueError("images contain NaN or infinite values; expected values in [0, 1]")
-    pixels = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)  # (B, 3, H, W)
-    b, _, h, w = pixels.shape
-    cols, rows = min(nrow, b), math.ceil(b / nrow)
-    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), dtype=np.uint8)
-    for i, image in enumerate(pixels.permute(0, 2, 3, 1).numpy()):  # (H, W, 3) each
-        top, left = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
-        grid[top : top + h, left : left + w] = image
-    return grid
-
-
 def _random_features(images: Tensor) -> Tensor:
     """Features of (N, C, H, W) images in [0, 1] from a fixed, untrained net: (N, 64 + 16 C + 2), float64.
 

@@ -1,4 +1,4 @@
-"""Training images and random patches for the restorer.
+"""Random training patches for the restorer.
 
 Patch-based training with the eight dihedral augmentations (four 90° rotations, each with or without a flip)
 follows DnCNN: K. Zhang, W. Zuo, Y. Chen, D. Meng, L. Zhang, "Beyond a Gaussian Denoiser: Residual Learning of
@@ -7,58 +7,7 @@ Deep CNN for Image Denoising", IEEE TIP 2017 (arXiv:1608.03981).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-from PIL import Image, ImageOps
-
-# Lower-case suffixes read by `load_images`.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-def _to_array(image: Image.Image, channels: int) -> np.ndarray:
-    """One decoded image -> float32 (H, W, channels) in [0, 1]."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L"):
-        # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them, so scale here.
-        gray = np.asarray(image, dtype=np.float32) / 65535.0
-        array = gray[:, :, None] if channels == 1 else np.repeat(gray[:, :, None], 3, axis=2)
-        return np.ascontiguousarray(array)
-    # "L" uses the ITU-R 601-2 luma transform: L = 0.299 R + 0.587 G + 0.114 B.
-    array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
-    return np.ascontiguousarray(array.reshape(array.shape[0], array.shape[1], channels))
-
-
-def load_images(folder: str | Path, channels: int = 1, limit: int | None = None) -> list[np.ndarray]:
-    """Read every image file under a folder (recursively) into memory.
-
-    Args:
-        folder: directory to search; files ending in .png, .jpg, .jpeg, .bmp, .tif or .tiff (any case) are read,
-            in the order of their sorted relative paths.
-        channels: 1 converts to gray (Pillow "L", ITU-R 601-2 luma), 3 converts to RGB.
-        limit: read at most this many files (the first ones in sorted order); None reads all.
-
-    Returns:
-        A list of float32 arrays of shape (H, W, channels) with values in [0, 1].
-    """
-    folder = Path(folder)
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (gray) or 3 (RGB), got {channels!r}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist or is not a directory")
-    paths = sorted(
-        (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-        key=lambda p: p.relative_to(folder).as_posix(),
-    )
-    if not paths:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {str(folder)!r}")
-    images = []
-    for path in paths[:limit]:
-        with Image.open(path) as image:
-            images.append(_to_array(image, channels))
-    return images
 
 
 class PatchSampler:

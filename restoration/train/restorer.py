@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from restoration import codec
+from restoration import codec, sources
 from restoration.checkpoint import load_named, save_model
 from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.train import launcher
@@ -169,11 +169,7 @@ def decode_rows(batches, channels: int) -> list[np.ndarray]:
             except codec.DecodeError:
                 continue
             if pixels.shape[2] != channels:  # gray <-> colour as the model needs (ITU-R 601 luma for gray)
-                pixels = (
-                    np.repeat(pixels, 3, axis=2)
-                    if channels == 3
-                    else (pixels @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
-                )
+                pixels = np.repeat(pixels, 3, axis=2) if channels == 3 else sources.luma(pixels)
             images.append(np.ascontiguousarray(pixels, dtype=np.float32))
     return images
 

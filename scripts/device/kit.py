@@ -128,8 +128,8 @@ def plain_train(spec: dict) -> dict:
     from restoration.checkpoint import save_model
     from restoration.device import default_device
     from restoration.models.restorer import Restorer
+    from restoration.sources import load_images
     from restoration.train.launcher import threads_for
-    from restoration.train.patches import load_images
     from restoration.train.restorer import init_weights, plan_epochs, recalibrate, train_epoch
     from restoration.train.restorer_core import NoiseSpec, evaluate_psnr
 
