@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor, nn
 
+from restoration.errors import UserError
 from restoration.models import MODELS
 
 FORMAT = "restoration-model"
@@ -36,7 +37,7 @@ REQUIRED_KEYS = ("format", "format_version", "kind", "config", "state_dict", "me
 ADDED_FIELDS: dict[str, dict[str, Any]] = {"vae": {"prior_components": 0}}
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UserError):
     """A model file that cannot be used: missing, unreadable, unsafe, or not matching its own config."""
 
 

@@ -11,11 +11,12 @@ Bad arguments and unusable inputs end with one line on stderr (`restoration: err
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
 import os
 import sys
 
 from restoration import __version__
+from restoration.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,49 +26,53 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-class UsageError(ValueError):
-    """A bad value the user gave; reported as one line with exit code 2."""
+def _ranged(cast: type, valid, expected: str):
+    """An argparse `type`: `cast(text)`, refused with one line naming the text unless `valid(value)`."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+_positive_float = _ranged(float, lambda v: v > 0, "a number > 0")
+_positive_int = _ranged(int, lambda v: v > 0, "an integer > 0")
+_quality = _ranged(int, lambda v: 1 <= v <= 100, "an integer in 1..100")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
-    return value
+def config_from_args(cls: type, args: argparse.Namespace, **values):
+    """A config dataclass from parsed arguments: each field not in `values` from the argument of the same name, when
+    given (an argument left at None keeps the field's default). The one place flags become a config."""
+    for f in dataclasses.fields(cls):
+        if f.name not in values and getattr(args, f.name, None) is not None:
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)
 
 
-def _quality(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in 1..100, got {text!r}") from None
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"expected an integer in 1..100, got {text!r}")
-    return value
+# `restoration bench NAME`: name -> help. Each is a module of restoration.bench with add_arguments(parser) and
+# run(args) -> exit code, imported (with torch) only when `bench` is the command.
+BENCHMARKS = {
+    "quality": "PSNR/SSIM and time of the restorers vs BM3D and classical denoisers",
+    "throughput": "megapixels/s: pipeline vs raw model loop vs a naive script",
+    "fid": "FID of generated images vs the Fashion-MNIST test split, with calibration rows",
+}
 
 
-# `restoration bench NAME`: (name, module with add_arguments(parser) and run(args) -> exit code, help).
-BENCHMARKS = (
-    ("quality", "restoration.bench.quality", "PSNR/SSIM and time of the restorers vs BM3D and classical denoisers"),
-    ("throughput", "restoration.bench.throughput", "megapixels/s: pipeline vs raw model loop vs a naive script"),
-    ("fid", "restoration.fid", "FID of generated images vs the Fashion-MNIST test split, with calibration rows"),
-)
+def _bench_modules() -> dict:
+    from restoration.bench import fid, quality, throughput
+
+    return {"quality": quality, "throughput": throughput, "fid": fid}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `restoration` parser. The options of `train` and `bench`, which import torch and the models to list their
+    presets, are built only when `command` is that command, or None (all of them)."""
     parser = _Parser(
         prog="restoration",
         description="Distributed batch image restoration and synthesis on Ray.",
@@ -113,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_synthesize)
 
     p = sub.add_parser("train", help="train a model with Ray Train (DDP), checkpoints on S3", description=_doc("train"))
-    add_train_arguments(p)
+    if command in (None, "train"):
+        add_train_arguments(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="run the main job on embedded defaults", description=_doc("demo"))
@@ -124,11 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="benchmarks: restoration quality, throughput, FID of the generators", description=_doc("bench")
     )
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    for name, module, help_text in BENCHMARKS:
-        mod = importlib.import_module(module)
-        q = bench.add_parser(name, help=help_text, description=mod.__doc__.split("\n\n")[0])
-        mod.add_arguments(q)
-        q.set_defaults(func=mod.run)
+    modules = _bench_modules() if command in (None, "bench") else {}
+    for name, help_text in BENCHMARKS.items():
+        mod = modules.get(name)
+        q = bench.add_parser(name, help=help_text, description=mod.__doc__.split("\n\n")[0] if mod else help_text)
+        if mod:
+            mod.add_arguments(q)
+            q.set_defaults(func=mod.run)
 
     p = sub.add_parser("s3-server", help="run the embedded S3 server (SeaweedFS) until interrupted")
     p.add_argument("--data-dir", default=None, help="keep the data here (default: a temporary folder)")
@@ -190,7 +198,9 @@ def _pairs(text: str) -> tuple[tuple[str, str], ...]:
 def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `restoration synthesize` (shared with the jobs)."""
     p.add_argument("--model", required=True, help="bundled name (dcgan-fmnist, vae-fmnist), model file or s3:// URI")
-    p.add_argument("--out", required=True, help="output folder or S3 prefix; the run writes OUT/run_id=<id>/")
+    p.add_argument(
+        "--out", dest="output", metavar="OUT", required=True, help="output folder or S3 prefix; the run writes OUT/run_id=<id>/"
+    )
     p.add_argument("--mode", choices=["sample", "interpolate", "reconstruct"], default="sample")
     p.add_argument("--count", type=_positive_int, default=None, help="sample mode: number of images")
     p.add_argument("--seed", type=int, default=0, help="row i's latent comes from (seed, i) alone")
@@ -236,33 +246,12 @@ def _add_format_arguments(p: argparse.ArgumentParser, files_help: str) -> None:
 def synthesize_config(args: argparse.Namespace):
     from restoration.pipelines.synthesize import SynthesizeConfig
 
-    return SynthesizeConfig(
-        model=args.model,
-        output=args.out,
-        count=args.count or 0,
-        mode=args.mode,
-        seed=args.seed,
-        run_id=args.run_id,
-        resume=args.resume,
-        truncation=args.truncation,
-        inputs=args.inputs,
-        pairs=args.pairs,
-        random_pairs=args.random_pairs,
-        steps=args.steps,
-        slerp=args.slerp,
-        workers=args.workers,
-        batch_size=args.batch_size,
-        precision=args.precision,
-        gpu=args.gpu,
-        format=args.format,
-        image_format=args.image_format,
-        quality=args.quality,
-    )
+    return config_from_args(SynthesizeConfig, args)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `restoration train` (shared with jobs/train.py)."""
-    from restoration.train.run import TRAINERS
+    from restoration.train import TRAINERS
 
     p.add_argument("kind", choices=sorted(TRAINERS), help="model family")
     p.add_argument("--data", required=True, help="training images: input shards or a folder/prefix of images")
@@ -291,18 +280,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def train_setup(args: argparse.Namespace):
     """(train config, launch config) from parsed `train` arguments."""
-    from restoration.train.launcher import LaunchConfig
-    from restoration.train.run import TRAINERS, parse_override, resolve_config
+    from restoration import train
 
-    config_cls = TRAINERS[args.kind][0]
-    overrides = dict(parse_override(text, config_cls) for text in args.set)
+    overrides = train.parse_overrides(args.kind, args.set)
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
-    train_config = resolve_config(args.kind, args.preset, overrides)
-    name = args.name or args.preset or args.kind
-    launch_config = LaunchConfig(
+    train_config = train.resolve_config(args.kind, args.preset, overrides)
+    launch_config = train.LaunchConfig(
         storage=args.storage,
-        name=name,
+        name=args.name or args.preset or args.kind,
         workers=args.workers,
         gpu=args.gpu,
         cpus_per_worker=args.cpus_per_worker,
@@ -312,30 +298,9 @@ def train_setup(args: argparse.Namespace):
 
 
 def restore_config(args: argparse.Namespace):
-    from restoration import codec
     from restoration.pipelines.restore import RestoreConfig
 
-    return RestoreConfig(
-        input=args.input,
-        output=args.output,
-        model=args.model,
-        degrade=args.degrade,
-        seed=args.seed,
-        run_id=args.run_id,
-        resume=args.resume,
-        workers=args.workers,
-        batch_size=args.batch_size,
-        tile=args.tile,
-        overlap=args.overlap,
-        gpu=args.gpu,
-        max_pixels=args.max_pixels or codec.DEFAULT_MAX_PIXELS,
-        precision=args.precision,
-        compile=args.compile,
-        ensemble=args.ensemble,
-        format=args.format,
-        image_format=args.image_format,
-        quality=args.quality,
-    )
+    return config_from_args(RestoreConfig, args)
 
 
 def _doc(command: str) -> str:
@@ -408,27 +373,13 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
+    from restoration import train
 
     train_config, launch_config = train_setup(args)
     if args.dry_run:
-        print(
-            json.dumps(
-                {
-                    "kind": args.kind,
-                    "data": args.data,
-                    "val": args.val,
-                    **dataclasses.asdict(launch_config),
-                    "config": dataclasses.asdict(train_config),
-                },
-                indent=2,
-            )
-        )
+        print(train.dry_run(args.kind, train_config, launch_config, args.data, args.val))
         return 0
-    from restoration.train.run import run_training
-
-    report = run_training(args.kind, args.data, launch_config, train_config, val=args.val)
+    report = train.launch(args.kind, train_config, launch_config, args.data, args.val)
     print(report.summary())
     return 0
 
@@ -461,13 +412,14 @@ def _cmd_s3_server(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from restoration.storage import StorageError, redact
+    from restoration.storage import redact
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no options with values
+    args = build_parser(command).parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, StorageError, ValueError, OSError) as e:
+    except (UserError, OSError) as e:
         # Errors the user can act on (OSError: a file, the network or the store): one line, no traceback. Anything
         # else is a bug and keeps its traceback.
         print(f"restoration: error: {redact(str(e)).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)

@@ -58,6 +58,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from restoration.errors import UserError
+
 try:  # Intel ISA-L's deflate: the same zlib streams, 2x (28x28) to 6x (256x256) faster than zlib's level 1
     from isal import isal_zlib
 except ImportError:  # a platform without its wheels: the standard library's zlib writes the PNGs instead
@@ -92,7 +94,7 @@ _OUT_MODES = {
 _PNG_COLOR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # samples per pixel -> PNG colour type (gray, gray+alpha, RGB, RGBA)
 
 
-class DecodeError(ValueError):
+class DecodeError(UserError):
     """Raised for every decoding failure; str(err) is a short human reason, also in `.reason`."""
 
     def __init__(self, reason: str):
@@ -523,3 +525,24 @@ def _deflate(data: np.ndarray, level: int) -> bytes:
 def _chunk(kind: bytes, payload: bytes) -> bytes:
     # length, type, data, CRC-32 over type + data
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def from_raw(buf: bytes, h: int, w: int, c: int) -> np.ndarray:
+    """Raw pixel bytes (as the pipelines' stages pass them) as an (H, W, C) view: uint8, uint16 or float32, as the
+    length says."""
+    dtype = {1: np.uint8, 2: np.uint16, 4: np.float32}[len(buf) // (h * w * c)]
+    return np.frombuffer(buf, dtype=dtype).reshape(h, w, c)
+
+
+def as_float(pixels: np.ndarray) -> np.ndarray:
+    """Pixels as float32 in [0, 1] (integer samples scaled by their maximum; float32 returned as it is)."""
+    return pixels if pixels.dtype == np.float32 else into_float(pixels, np.empty(pixels.shape, np.float32))
+
+
+def into_float(pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Write pixels into the float32 array `out` as values in [0, 1], without temporaries; returns `out`."""
+    if pixels.dtype == np.float32:
+        out[...] = pixels
+    else:
+        np.multiply(pixels, np.float32(1 / np.iinfo(pixels.dtype).max), out=out)
+    return out

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from restoration import codec, sources, storage
+from restoration.errors import UserError
 
 SHARD_SCHEMA = pa.schema([("key", pa.string()), ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32())])
 LABELLED_SCHEMA = SHARD_SCHEMA.append(pa.field("label", pa.int32()))
@@ -89,11 +90,11 @@ def plan_ingest(src: str, shard_mb: float, split: str = "train") -> tuple[list[S
         (plans, labelled): the shard plans in order, and whether rows carry labels.
     """
     if shard_mb <= 0:
-        raise ValueError(f"--shard-mb must be > 0, got {shard_mb}")
+        raise UserError(f"--shard-mb must be > 0, got {shard_mb}")
     limit = shard_mb * 2**20
     if sources.is_idx_folder(src):
         if split not in ("train", "test"):
-            raise ValueError(f"--split must be 'train' or 'test' for an idx source, got {split!r}")
+            raise UserError(f"--split must be 'train' or 'test' for an idx source, got {split!r}")
         count = sources.IdxSource(src, split).count()
         per_shard = max(1, int(limit // _IDX_RECORD_BYTES))
         plans = [
@@ -187,7 +188,7 @@ def ingest(
         An IngestReport; bad inputs are in `.errors` and in `dest/_errors.parquet`, never dropped silently.
     """
     if executor not in ("auto", "local", "ray"):
-        raise ValueError(f"--executor must be auto, local or ray, got {executor!r}")
+        raise UserError(f"--executor must be auto, local or ray, got {executor!r}")
     t0 = time.perf_counter()
     plans, _ = plan_ingest(src, shard_mb, split)
     if not plans:
@@ -285,7 +286,25 @@ def input_files(uri: str) -> tuple[str, list[str]]:
     return ("parquet", parquet) if parquet else ("images", files)
 
 
-def count_rows(uri: str) -> int:
+@dataclass(frozen=True)
+class Input:
+    """An input resolved once (one LIST of the store): what it holds and its files. `count_rows`, `input_keys`,
+    `first_row` and `read_images` take one instead of a URI, so a run lists its input once."""
+
+    uri: str
+    kind: str  # "parquet" (input shards) or "images" (raw image objects)
+    files: tuple[str, ...]
+
+
+def resolve_input(uri: str | Input) -> Input:
+    """`uri` listed (see `input_files`); an `Input` is returned as it is."""
+    if isinstance(uri, Input):
+        return uri
+    kind, files = input_files(uri)
+    return Input(uri, kind, tuple(files))
+
+
+def count_rows(uri: str | Input) -> int:
     """How many rows `read_images(uri)` yields, from the Parquet footers (or the file count), without running Ray.
 
     Args:
@@ -293,7 +312,8 @@ def count_rows(uri: str) -> int:
     Returns:
         The number of input rows.
     """
-    kind, files = input_files(uri)
+    src = resolve_input(uri)
+    uri, kind, files = src.uri, src.kind, src.files
     if kind == "images":
         return len(files)
     fs, _ = storage.resolve(uri)
@@ -304,10 +324,11 @@ def count_rows(uri: str) -> int:
     return total
 
 
-def input_keys(uri: str) -> list[str]:
+def input_keys(uri: str | Input) -> list[str]:
     """Every key `read_images(uri)` yields, read here without Ray: the `key` column of the shards (only that column
     is read), or the files' paths relative to `uri`."""
-    kind, files = input_files(uri)
+    src = resolve_input(uri)
+    uri, kind, files = src.uri, src.kind, src.files
     fs, root = storage.resolve(uri)
     if kind == "images":
         base = _key_base(fs, root)
@@ -324,13 +345,14 @@ def _key_base(fs, root: str) -> str:
     return root if fs.get_file_info(root).type.name == "Directory" else posixpath.dirname(root)
 
 
-def first_row(uri: str, extra_columns: tuple[str, ...] = ()) -> dict | None:
+def first_row(uri: str | Input, extra_columns: tuple[str, ...] = ()) -> dict | None:
     """The first row `read_images(uri, extra_columns)` would yield, read here without Ray: {"key", "image", ...}.
 
     Reads one row group of the first shard (None when it has no rows), or the first image file (its key the path
     relative to `uri`).
     """
-    kind, files = input_files(uri)
+    src = resolve_input(uri)
+    uri, kind, files = src.uri, src.kind, src.files
     fs, root = storage.resolve(uri)
     if kind == "parquet":
         with fs.open_input_file(files[0]) as f:
@@ -364,12 +386,13 @@ def holdout_split(batch: pa.Table, held_out_rows: bool) -> pa.Table:
 
 
 def read_images(
-    uri: str, extra_columns: tuple[str, ...] = (), num_cpus: float | None = None, holdout: bool | None = None
+    uri: str | Input, extra_columns: tuple[str, ...] = (), num_cpus: float | None = None, holdout: bool | None = None
 ):
     """A Ray Dataset of `key`, `image` (encoded bytes) and those of `extra_columns` the input has.
 
     Args:
-        uri: input shards (Parquet with the shard contract) or a folder/prefix of image files (keys: relative paths).
+        uri: input shards (Parquet with the shard contract) or a folder/prefix of image files (keys: relative paths),
+            or an `Input` already listed.
         extra_columns: optional shard columns to keep when present, e.g. ("reference",) or ("label",).
         num_cpus: CPUs each read task reserves (Ray's default is 1; training reads with less, so the read still
             finds a slot next to training workers that hold most of a small machine).
@@ -380,7 +403,8 @@ def read_images(
     import pyarrow.compute as pc
     import ray
 
-    kind, files = input_files(uri)
+    src = resolve_input(uri)
+    uri, kind, files = src.uri, src.kind, list(src.files)
     fs, root = storage.resolve(uri)
     remote = {"num_cpus": num_cpus} if num_cpus is not None else {}
     if kind == "parquet":

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from restoration.errors import UserError
+
 # --------------------------------------------------------------------------------------------------------------------
 # Helpers
 
@@ -338,15 +340,15 @@ Example: blur:2,noise:10 blurs, then adds noise. "" or "none" means no degradati
 def _check_step(name: str, values: list[float], texts: list[str], spec: str) -> Step:
     rule = _RULES.get(name)
     if rule is None:
-        raise ValueError(f"unknown degradation {name!r} in spec {spec!r}: expected one of {', '.join(_RULES)}")
+        raise UserError(f"unknown degradation {name!r} in spec {spec!r}: expected one of {', '.join(_RULES)}")
     if not rule.required <= len(values) <= len(rule.args):
-        raise ValueError(
+        raise UserError(
             f"{name} takes {rule.required}..{len(rule.args)} argument(s), got {len(values)} in spec {spec!r}: "
             f"expected {rule.usage}"
         )
     for value, text, (check, expected) in zip(values, texts, rule.args, strict=False):
         if not math.isfinite(value) or not check(value):
-            raise ValueError(f"bad value {text!r} for {name} in spec {spec!r}: expected {expected}")
+            raise UserError(f"bad value {text!r} for {name} in spec {spec!r}: expected {expected}")
     return Step(name, tuple(float(v) for v in values))
 
 
@@ -361,14 +363,14 @@ def parse_spec(spec: str) -> tuple[Step, ...]:
         ValueError naming the bad step or value and what was expected.
     """
     if not isinstance(spec, str):
-        raise ValueError(f"spec {spec!r}: expected a string such as 'blur:2,noise:10'")
+        raise UserError(f"spec {spec!r}: expected a string such as 'blur:2,noise:10'")
     if spec.strip().lower() in ("", "none"):
         return ()
     steps = []
     for item in spec.split(","):
         name, *texts = [part.strip() for part in item.strip().split(":")]
         if not name:
-            raise ValueError(f"empty step {item!r} in spec {spec!r}: expected NAME:ARG, e.g. noise:25")
+            raise UserError(f"empty step {item!r} in spec {spec!r}: expected NAME:ARG, e.g. noise:25")
         name = name.lower()
         values = []
         for text in texts:
@@ -377,7 +379,7 @@ def parse_spec(spec: str) -> tuple[Step, ...]:
             except ValueError:
                 rule = _RULES.get(name)
                 expected = rule.args[len(values)][1] if rule and len(values) < len(rule.args) else "a number"
-                raise ValueError(f"bad value {text!r} for {name} in spec {spec!r}: expected {expected}") from None
+                raise UserError(f"bad value {text!r} for {name} in spec {spec!r}: expected {expected}") from None
         steps.append(_check_step(name, values, texts, spec))
     return tuple(steps)
 

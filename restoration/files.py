@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from PIL import Image
 
 from restoration import storage
+from restoration.errors import UserError
 
 FORMATS = ("parquet", "files", "both")  # what a run writes
 IMAGE_FORMATS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}  # --image-format -> extension of the files
@@ -34,14 +35,14 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 def check_options(output_format: str, image_format: str, quality: int) -> None:
     """Validate a run's `--format`, `--image-format` and `--quality`; ValueError names the bad value."""
     if output_format not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
     if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
+        raise UserError(f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise ValueError(f"--quality must be an integer in 1..100, got {quality!r}")
+        raise UserError(f"--quality must be an integer in 1..100, got {quality!r}")
 
 
-class UnsafeKey(ValueError):
+class UnsafeKey(UserError):
     """A key that cannot name a file inside the run folder (the row's error says why)."""
 
 
@@ -58,7 +59,7 @@ def target_name(key: str, image_format: str = "png") -> str:
             hidden part (leading '.'), or starts with a name the run folder reserves.
     """
     if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"image_format={image_format!r}: expected one of {', '.join(IMAGE_FORMATS)}")
+        raise UserError(f"image_format={image_format!r}: expected one of {', '.join(IMAGE_FORMATS)}")
     if not key:
         raise UnsafeKey("empty key")
     if "\\" in key or "\x00" in key:

@@ -17,10 +17,12 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from restoration.errors import UserError
+
 S3_RETRY_ATTEMPTS = 10  # ~1 min of exponential back-off: rides out a store restart, fails a dead one in bounded time
 
 
-class StorageError(ValueError):
+class StorageError(UserError):
     """A URI that cannot be used: bad form, missing object, unreachable store."""
 
 

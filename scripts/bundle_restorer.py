@@ -21,7 +21,7 @@ import torch
 
 from restoration import degrade, metrics
 from restoration.checkpoint import WEIGHTS_DIR, load_model
-from restoration.pipelines.restore import RestoreActor
+from restoration.inference import RestoreActor
 from restoration.sources import load_images
 
 COLOR_SAMPLES = "color-samples"

@@ -11,7 +11,7 @@ import torch
 
 from restoration import degrade, metrics
 from restoration.checkpoint import WEIGHTS_DIR, load_named
-from restoration.pipelines.restore import RestoreActor
+from restoration.inference import RestoreActor
 
 RECORDS = sorted(WEIGHTS_DIR.glob("*.json"))
 

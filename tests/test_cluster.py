@@ -206,7 +206,7 @@ def test_two_nodes_on_loopback_with_their_own_resources(cluster):
 @pytest.mark.slow
 def test_restore_job_succeeds_with_every_row_and_runs_on_both_nodes(cluster, restore_job):
     from restoration import storage
-    from restoration.pipelines.restore import read_output
+    from restoration.runs import read_output
 
     done = restore_job["done"]
     assert done.returncode == 0, _failure(done)
@@ -311,7 +311,7 @@ def _run_files(run: str) -> dict[str, tuple]:
 
 
 def _samples(run: str) -> dict[int, bytes]:
-    from restoration.pipelines.restore import read_output
+    from restoration.runs import read_output
 
     return {r["index"]: r["image"] for r in read_output(run, ["index", "image"]).to_pylist()}
 

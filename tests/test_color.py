@@ -11,11 +11,12 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from restoration import degrade, metrics
+from restoration import degrade, inference, metrics, runs
 from restoration.checkpoint import save_model
+from restoration.inference import RestoreActor, models_by_channels
 from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.pipelines import restore
-from restoration.pipelines.restore import RestoreActor, decode_batch, encode_batch, models_by_channels
+from restoration.pipelines.restore import decode_batch, encode_batch
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def _restore_modes(model: str, modes) -> list[dict]:
 
 
 def test_a_family_picks_the_gray_or_colour_variant_per_image_mode(tiny_pair, monkeypatch):
-    monkeypatch.setitem(restore.MODEL_FAMILIES, "tiny", tiny_pair)
+    monkeypatch.setitem(inference.MODEL_FAMILIES, "tiny", tiny_pair)
     rows = _restore_modes("tiny", list(EXPECTED))
     for row, (mode, (model, out_mode)) in zip(rows, EXPECTED.items(), strict=True):
         assert row["error"] is None, row
@@ -106,7 +107,7 @@ def test_an_explicit_model_is_honoured_and_the_row_says_how_it_was_applied(tiny_
 
 
 def test_a_family_with_a_missing_variant_is_refused_before_any_work(tiny_pair, monkeypatch, tmp_path):
-    monkeypatch.setitem(restore.MODEL_FAMILIES, "half", (tiny_pair[0], str(tmp_path / "missing.pt")))
+    monkeypatch.setitem(inference.MODEL_FAMILIES, "half", (tiny_pair[0], str(tmp_path / "missing.pt")))
     with pytest.raises(Exception, match="missing.pt"):
         RestoreActor("half")
 
@@ -148,7 +149,7 @@ def test_pipeline_restores_a_folder_of_mixed_modes_with_the_family_and_counts_mo
     assert (report.rows_in, report.rows_out, report.ok, report.errors) == (7, 7, 6, 1)
     assert report.model == "denoise" and report.model_applied == {"native": 6}
     assert {name: entry["rows"] for name, entry in report.models.items()} == {"denoise-gray": 2, "denoise-color": 4}
-    rows = {r["key"]: r for r in restore.read_output(report.output, ["key", "model", "mode", "error"]).to_pylist()}
+    rows = {r["key"]: r for r in runs.read_output(report.output, ["key", "model", "mode", "error"]).to_pylist()}
     assert rows["broken.png"]["error"].startswith("decode:") and rows["broken.png"]["model"] == "denoise"
     for mode, (variant, out_mode) in EXPECTED.items():
         assert rows[_name(mode)]["model"] == variant.replace("tiny", "denoise"), mode

@@ -17,8 +17,9 @@ from PIL import Image, ImageCms
 from restoration import codec, data, files, storage
 from restoration.checkpoint import save_model
 from restoration.cli import main
+from restoration.inference import ModelRunner
 from restoration.models.restorer import Restorer, RestorerConfig
-from restoration.pipelines.restore import ModelRunner, read_output
+from restoration.runs import read_output
 
 # A real RGB ICC profile built by LittleCMS, standing in for the Display P3 profile a phone embeds: what is tested is
 # that its bytes travel from the source file to every output, unchanged.

@@ -20,9 +20,9 @@ from skimage.metrics import structural_similarity
 from restoration import codec, data, storage
 from restoration.checkpoint import load_named, save_model
 from restoration.cli import main
+from restoration.inference import ModelRunner, latent_for
 from restoration.models.restorer import Restorer, RestorerConfig
-from restoration.pipelines.restore import ModelRunner, read_output
-from restoration.pipelines.synthesize import latent_for
+from restoration.runs import read_output
 from restoration.tiling import tiled_apply
 
 pytestmark = pytest.mark.slow  # each group's runs take tens of seconds of Ray start-up and pipeline fill

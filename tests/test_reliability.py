@@ -43,9 +43,11 @@ from PIL import Image
 from restoration import data, storage
 from restoration.checkpoint import save_model
 from restoration.cli import main
+from restoration.inference import GeneratorActor
 from restoration.models.restorer import Restorer, RestorerConfig
-from restoration.pipelines.restore import RestoreConfig, read_output, run_restore
-from restoration.pipelines.synthesize import GeneratorActor, SynthesizeConfig, encode_images, run_synthesize
+from restoration.pipelines.restore import RestoreConfig, run_restore
+from restoration.pipelines.synthesize import SynthesizeConfig, encode_images, run_synthesize
+from restoration.runs import read_output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -289,7 +291,7 @@ def cli(args: list[str]) -> int:
 # ----------------------------------------------------------------------------------------------------- 1. restore
 @pytest.mark.slow
 def test_restore_actor_killed_mid_run_every_key_exactly_once(s3, ray_cluster, heavy_restorer_file):
-    from restoration.pipelines.restore import RestoreActor
+    from restoration.inference import RestoreActor
 
     # 128x128 images, sized so that the run holds FAULT_WORK_S seconds of model work per actor on this machine.
     actor = RestoreActor(heavy_restorer_file, threads=1)
@@ -323,7 +325,7 @@ def test_restore_actor_killed_mid_run_every_key_exactly_once(s3, ray_cluster, he
 def outage_shards(s3, heavy_restorer_file) -> tuple[str, list[str]]:
     """Input shards of 64x64 images, sized so that a restore of them holds FAULT_WORK_S seconds of model work per
     actor on this machine: an outage that starts once the first batch is done lands mid-run."""
-    from restoration.pipelines.restore import RestoreActor
+    from restoration.inference import RestoreActor
 
     actor = RestoreActor(heavy_restorer_file, threads=1)
     batch = np.random.default_rng(0).random((8, 64, 64, 1), dtype=np.float32)

@@ -17,19 +17,11 @@ from PIL import Image
 
 from restoration import codec, data, metrics, storage
 from restoration.checkpoint import save_model
+from restoration.codec import from_raw as stage_pixels
+from restoration.inference import ModelRunner, RestoreActor, load_restorer
 from restoration.models.restorer import Restorer, RestorerConfig
-from restoration.pipelines.restore import (
-    OUTPUT_SCHEMA,
-    ModelRunner,
-    RestoreActor,
-    RestoreConfig,
-    decode_batch,
-    encode_batch,
-    load_restorer,
-    read_output,
-    run_restore,
-    stage_pixels,
-)
+from restoration.pipelines.restore import OUTPUT_SCHEMA, RestoreConfig, decode_batch, encode_batch, run_restore
+from restoration.runs import read_output
 from restoration.sources import load_images
 from restoration.train.restorer_core import FitConfig, NoiseSpec, fit_restorer
 
@@ -186,7 +178,8 @@ def test_compiled_model_matches_eager_on_whole_images_and_tiles(tiny_model):
 def test_model_actors_take_niceness_0_from_ray_and_a_driver_keeps_its_own(ray_cluster, tiny_model, gan_file):
     import os
 
-    from restoration.pipelines.synthesize import GeneratorActor, SynthesizeConfig
+    from restoration.inference import GeneratorActor
+    from restoration.pipelines.synthesize import SynthesizeConfig
 
     ray = ray_cluster
 

@@ -12,7 +12,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from restoration import data
+from restoration import data, inference
 from restoration.checkpoint import save_model
 from restoration.cluster import DATA_TASK_CPUS, MAX_CPU_ACTORS, data_task_cap, split_cpus
 from restoration.models.restorer import Restorer, RestorerConfig
@@ -120,7 +120,7 @@ def test_data_share_is_measured_with_the_runs_own_stages(photos, monkeypatch):
     folder, tiny = photos
     sample = data.first_row(str(folder))  # a.png, 400 x 300
     calls: list[tuple] = []
-    real_decode, real_encode, real_actor = restore.decode_batch, restore.encode_batch, restore.RestoreActor.__call__
+    real_decode, real_encode, real_actor = restore.decode_batch, restore.encode_batch, inference.RestoreActor.__call__
 
     def decode_batch(batch, degradation=None, seed=0, max_pixels=0):
         calls.append(("decode", degradation, seed, max_pixels))
@@ -148,7 +148,7 @@ def test_data_share_is_measured_with_the_runs_own_stages(photos, monkeypatch):
 
     monkeypatch.setattr(restore, "decode_batch", decode_batch)
     monkeypatch.setattr(restore, "encode_batch", encode_batch)
-    monkeypatch.setattr(restore.RestoreActor, "__call__", actor_call)
+    monkeypatch.setattr(inference.RestoreActor, "__call__", actor_call)
     monkeypatch.setattr(cluster, "measure_share", measure_share)
 
     def share(model: str, degrade: str | None = None) -> float | None:
@@ -186,10 +186,10 @@ def test_synthesis_data_share_in_sample_mode_only(gan_file):
 
 def test_model_runner_slices_cpu_batches_to_the_pixel_budget_and_matches_the_whole_batch(photos):
     _, tiny = photos
-    runner = restore.ModelRunner(tiny, precision="fp32")  # the reference pass below runs without autocast
+    runner = inference.ModelRunner(tiny, precision="fp32")  # the reference pass below runs without autocast
     calls = []
     runner.net.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
-    side = int(restore.CPU_FORWARD_PIXELS**0.5)
+    side = int(inference.CPU_FORWARD_PIXELS**0.5)
     for shape, passes in (((5, 1, side, side), 5), ((6, 1, side // 2, side // 2), 2), ((3, 1, 40, 40), 1)):
         x = torch.rand(shape)
         calls.clear()
@@ -197,7 +197,7 @@ def test_model_runner_slices_cpu_batches_to_the_pixel_budget_and_matches_the_who
             got = runner.forward(x)
             whole = runner.net(x)
         assert len(calls) == passes + 1, shape  # + 1: the whole-batch reference pass
-        assert all(c[0] * c[2] * c[3] <= max(restore.CPU_FORWARD_PIXELS, c[2] * c[3]) for c in calls[:-1])
+        assert all(c[0] * c[2] * c[3] <= max(inference.CPU_FORWARD_PIXELS, c[2] * c[3]) for c in calls[:-1])
         torch.testing.assert_close(got, whole, atol=1e-5, rtol=0)
 
 
@@ -323,7 +323,7 @@ def test_training_holdout_is_split_off_in_read_workers_without_torch(tmp_path, r
     torch, and a one-epoch run of a tiny model took 57 s instead of 36."""
     import pyarrow as pa
 
-    from restoration.train.run import READ_CPUS, build_datasets
+    from restoration.train.launcher import READ_CPUS, build_datasets
 
     def torch_loaded(batch: pa.Table) -> pa.Table:  # nested: Ray pickles it by value, it imports nothing itself
         import sys
@@ -341,8 +341,7 @@ def test_training_holdout_is_split_off_in_read_workers_without_torch(tmp_path, r
     data.ingest(str(folder), str(shards), executor="local")
 
     for uri in (str(folder), str(shards)):
-        datasets, split = build_datasets("restorer", uri, None)
-        assert split == ["train"]
+        datasets = build_datasets(uri)
         rows = {
             name: ds.map_batches(torch_loaded, batch_format="pyarrow", num_cpus=READ_CPUS).take_all()
             for name, ds in datasets.items()
@@ -351,10 +350,10 @@ def test_training_holdout_is_split_off_in_read_workers_without_torch(tmp_path, r
         assert sorted(r["key"] for r in rows["train"]) == sorted(set(keys) - set(held)), uri
         assert not any(r["torch"] for name in rows for r in rows[name]), uri
     # The folder's holdout reads its own files and nothing else.
-    datasets, _ = build_datasets("restorer", str(folder), None)
+    datasets = build_datasets(str(folder))
     assert sorted(Path(f).name for f in datasets["val"].input_files()) == held
     # With --val, both sets are read whole.
-    datasets, _ = build_datasets("restorer", str(folder), str(shards))
+    datasets = build_datasets(str(folder), str(shards))
     assert datasets["train"].count() == datasets["val"].count() == 60
 
 

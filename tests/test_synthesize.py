@@ -18,8 +18,8 @@ from PIL import Image
 from restoration import storage
 from restoration.checkpoint import save_model
 from restoration.models.vae import VAE, VAEConfig
-from restoration.pipelines.restore import read_output
 from restoration.pipelines.synthesize import SynthesizeConfig, run_synthesize, scheduled_config
+from restoration.runs import read_output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,7 @@ def test_scheduling_manifests_are_valid_yaml_and_the_job_has_help():
 
 
 def test_latent_depends_only_on_seed_and_index():
-    from restoration.pipelines.synthesize import latent_for
+    from restoration.inference import latent_for
 
     assert torch.equal(latent_for(3, 17, 8), latent_for(3, 17, 8))
     assert not torch.equal(latent_for(3, 17, 8), latent_for(3, 18, 8))
@@ -149,13 +149,8 @@ def test_actor_rows_are_raw_samples_and_encoding_gives_the_pngs_of_the_generator
     import pyarrow as pa
 
     from restoration import codec
-    from restoration.pipelines.synthesize import (
-        OUTPUT_SCHEMA,
-        PIXELS_SCHEMA,
-        GeneratorActor,
-        encode_images,
-        latent_for,
-    )
+    from restoration.inference import GeneratorActor, latent_for
+    from restoration.pipelines.synthesize import OUTPUT_SCHEMA, PIXELS_SCHEMA, encode_images
 
     actor = GeneratorActor(SynthesizeConfig(model=gan_file, output="unused", count=5, seed=4), run_id="r", threads=1)
     before = time.time()
@@ -181,7 +176,8 @@ def test_actor_rows_are_raw_samples_and_encoding_gives_the_pngs_of_the_generator
 def test_an_actor_on_cpus_encodes_its_own_pngs_byte_for_byte_as_the_encode_tasks_do(gan_file):
     import pyarrow as pa
 
-    from restoration.pipelines.synthesize import OUTPUT_SCHEMA, GeneratorActor, encode_images
+    from restoration.inference import GeneratorActor
+    from restoration.pipelines.synthesize import OUTPUT_SCHEMA, encode_images
 
     config = SynthesizeConfig(model=gan_file, output="unused", count=70, seed=2, batch_size=16)
     items = pa.table({"start": [3, 40], "stop": [20, 70]})
@@ -220,7 +216,7 @@ def test_vae_rows_come_from_its_mixture_prior_by_seed_and_index_alone(tmp_path):
     import pyarrow as pa
 
     from restoration import codec
-    from restoration.pipelines.synthesize import GeneratorActor, latent_for, uniforms_for
+    from restoration.inference import GeneratorActor, latent_for, uniforms_for
 
     assert torch.equal(uniforms_for(5, [3, 9]), uniforms_for(5, [9, 3]).flip(0))
     assert not torch.equal(uniforms_for(5, [3]), uniforms_for(6, [3]))
