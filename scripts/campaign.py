@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from restoration.checkpoint import load_model, save_model
-from restoration.models.restorer import RestorerConfig, build
+from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.sources import datasets_dir, load_images
 from restoration.train.patches import PatchSampler
 from restoration.train.restorer_core import NoiseSpec, add_noise, evaluate_psnr
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.dir) / args.name
     folder.mkdir(parents=True, exist_ok=True)
     config = RestorerConfig(channels=1, **parse_sets(args.set))
-    model = build(config)
+    model = Restorer(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     state_path = folder / "state.pt"
     step, cpu_done, wall_done, best = 0, 0.0, 0.0, -1.0
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(record), flush=True)
             if scores["psnr25"] > best:
                 best = scores["psnr25"]
-                export = build(config)
+                export = Restorer(config)
                 export.load_state_dict(model.state_dict())
                 meta = {"campaign": args.name, "step": step, "cpu_seconds": round(cpu_done), **scores}
                 save_model(folder / "best.pt", "restorer", config, export.eval(), meta=meta)

@@ -228,14 +228,3 @@ def sample_latent(
             z[outside] = torch.randn(int(outside.sum()), generator=generator, device=device)
             outside = z.abs() > truncation
     return z
-
-
-def build(config: DCGANConfig) -> DCGAN:
-    """Build a DCGAN on CPU in float32 with the paper's initialisation.
-
-    Args:
-        config: the architecture.
-    Returns:
-        A freshly initialised `DCGAN` in training mode.
-    """
-    return DCGAN(config)

@@ -264,14 +264,3 @@ class Restorer(nn.Module):
                 block.fold_batch_norm()
         self.config = dataclasses.replace(self.config, batch_norm=False)
         return self
-
-
-def build(config: RestorerConfig) -> Restorer:
-    """Build a restorer on CPU in float32.
-
-    Args:
-        config: the architecture.
-    Returns:
-        A freshly initialised `Restorer` in training mode.
-    """
-    return Restorer(config)
