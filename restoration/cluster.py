@@ -1,4 +1,5 @@
-"""Connecting to Ray: the one place that decides which cluster a driver uses and what its workers inherit."""
+"""Connecting to Ray and sizing work on it: the one place that decides which cluster a driver uses, what its workers
+inherit, whether they use GPUs, and how the pipelines' model actors and the training workers share the CPUs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import time
 from collections.abc import Callable
 from typing import NamedTuple
+
+from restoration.errors import UserError
 
 # Passed on to Ray workers so that they reach the same object store as the driver. Secrets (access keys, session
 # tokens) are never forwarded: Ray writes every runtime env into its logs. Workers get them from their own
@@ -42,7 +45,7 @@ def _arrow_has_jemalloc() -> bool:
     return True
 
 
-class ClusterError(ValueError):
+class ClusterError(UserError):
     """The Ray cluster cannot be reached or cannot run what was asked."""
 
 
@@ -141,17 +144,68 @@ def actor_resources(
     """
     import ray
 
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    use_gpu = gpus > 0 if gpu is None else gpu
-    if use_gpu and gpus == 0:
-        raise ValueError("--gpu was given but the Ray cluster has no GPUs")
-    if use_gpu:
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if use_gpus(gpu, gpus):
         return Pool(workers or gpus, True, 1, 1.0, None, None)
     node_cpus = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
     share = measure_data_share() if measure_data_share is not None else None
     actors, threads, cpus_per_actor = split_cpus(node_cpus or [1.0], workers, share)
     return Pool(actors, False, threads, cpus_per_actor, share, data_task_cap(sum(node_cpus or [1.0]), share))
+
+
+def use_gpus(gpu: bool | None, gpus: int) -> bool:
+    """Whether a job runs on GPUs, for the pipelines' actors and the training workers alike.
+
+    Args:
+        gpu: True/False forces GPUs on/off (`--gpu`/`--no-gpu`); None uses them when the cluster has any.
+        gpus: the GPUs of the cluster.
+    """
+    if gpu and gpus == 0:
+        raise UserError("--gpu was given but the Ray cluster has no GPUs")
+    return gpus > 0 if gpu is None else gpu
+
+
+def train_resources(
+    workers: int, gpu: bool | None, cpus_per_worker: float | None, free_cpus: float
+) -> tuple[bool, float]:
+    """How training workers are placed on the current cluster: whether they take a GPU each, and their CPUs.
+
+    Args:
+        workers: training workers.
+        gpu: as for `use_gpus`.
+        cpus_per_worker: CPUs each worker reserves, or None for `default_cpus_per_worker`.
+        free_cpus: CPUs the datasets' reads need beside the workers; on CPU-only runs the workers may take the rest.
+
+    Returns:
+        (use_gpu, cpus_per_worker); raises UserError when CPU workers would leave the reads too little CPU.
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    use_gpu = use_gpus(gpu, int(resources.get("GPU", 0)))
+    cpus = float(resources.get("CPU", 1))
+    if cpus_per_worker is None:
+        cpus_per_worker = default_cpus_per_worker(cpus, workers, use_gpu)
+    if not use_gpu and cpus_per_worker * workers > cpus - free_cpus:
+        # Ray Data's read tasks need their slots too; without them the run waits forever.
+        raise UserError(
+            f"--cpus-per-worker {cpus_per_worker:g} x {workers} worker(s) leaves too little CPU for"
+            f" reading the data ({free_cpus:g} needed, the cluster has {cpus:g});"
+            f" expected at most {(cpus - free_cpus) / workers:g}"
+        )
+    return use_gpu, cpus_per_worker
+
+
+def default_cpus_per_worker(cpus: float, workers: int, gpu: bool) -> float:
+    """CPUs a training worker reserves unless told: 2 beside a GPU; on CPUs, all but one core of the cluster's `cpus`
+    shared by the `workers` (at least half a core, at most 4). The core left over is Ray Data's read tasks', so the
+    workers' data never starves (2 workers on 2 cores: 0.5 each)."""
+    return 2.0 if gpu else max(0.5, min(4.0, (cpus - 1) / workers))
+
+
+def threads_for(cpus: float) -> int:
+    """Torch threads for a worker holding `cpus` CPUs (a fraction rounds up: 1.5 CPUs -> 2 threads)."""
+    return max(1, math.ceil(cpus))
 
 
 def data_task_cap(cpus: float, data_share: float | None) -> int | None:

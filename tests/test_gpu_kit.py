@@ -18,8 +18,8 @@ from PIL import Image
 from restoration.bench.throughput import ThroughputConfig
 from restoration.checkpoint import load_model
 from restoration.sources import datasets_dir
+from restoration.train import resolve_config
 from restoration.train.restorer import RestorerTrainConfig, init_weights, plan_epochs
-from restoration.train.run import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "scripts" / "device" / "run.sh"
@@ -52,7 +52,7 @@ def test_time_budget_plans_the_epochs_that_fit_at_the_last_pace():
 def _plan_on_rank(rank: int, init_file: str, results: str) -> None:
     import torch.distributed as dist
 
-    from restoration.train.launcher import from_rank0
+    from restoration.train.worker import from_rank0
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -66,7 +66,7 @@ def test_every_rank_follows_rank_0s_plan(tmp_path):
     """Two DDP ranks whose clocks disagree must still stop after the same epoch: both take rank 0's plan."""
     import torch.multiprocessing as mp
 
-    from restoration.train.launcher import from_rank0
+    from restoration.train.worker import from_rank0
 
     assert from_rank0(7) == 7  # no process group (one worker, or no Ray): the value itself
     mp.spawn(_plan_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)

@@ -18,16 +18,15 @@ from restoration import codec, data, storage
 from restoration import fid as F
 from restoration.checkpoint import load_model, save_model
 from restoration.cli import main
+from restoration.inference import ModelRunner, latent_for
 from restoration.models.dcgan import DCGAN
 from restoration.models.restorer import Restorer
 from restoration.models.vae import VAE
-from restoration.pipelines.restore import ModelRunner, read_output
-from restoration.pipelines.synthesize import latent_for
+from restoration.runs import read_output
 from restoration.sources import read_idx
+from restoration.train import LaunchConfig, launch, resolve_config
 from restoration.train.gan_core import feature_distance
-from restoration.train.launcher import LaunchConfig
 from restoration.train.restorer_core import NoiseSpec, evaluate_psnr
-from restoration.train.run import resolve_config, run_training
 from restoration.train.vae_core import evaluate_elbo
 
 pytestmark = pytest.mark.slow
@@ -81,16 +80,14 @@ def ddp_run(s3, ray_cluster, train400_shards):
     would show."""
     runs = s3.uri("train", "runs")
     config = resolve_config("restorer", None, {**TINY, "epochs": 3, "fail_at_epoch": 1, "score_order": "min"})
-    launch = LaunchConfig(storage=runs, name="ddp", workers=2, max_failures=1, num_to_keep=None)
-    report = run_training("restorer", train400_shards.uri, launch, config)
+    where = LaunchConfig(storage=runs, name="ddp", workers=2, max_failures=1, num_to_keep=None)
+    report = launch("restorer", config, where, train400_shards.uri)
     model = storage.read_bytes(storage.join(runs, "ddp", "model.pt"))  # before the resume below exports again
-    return SimpleNamespace(
-        data=train400_shards.uri, runs=runs, launch=launch, config=config, report=report, model=model
-    )
+    return SimpleNamespace(data=train400_shards.uri, runs=runs, where=where, config=config, report=report, model=model)
 
 
 def test_two_worker_ddp_on_s3_survives_a_failure_learns_exports_the_best_and_resumes(ddp_run, train400):
-    runs, launch, config, report = ddp_run.runs, ddp_run.launch, ddp_run.config, ddp_run.report
+    runs, where, config, report = ddp_run.runs, ddp_run.where, ddp_run.config, ddp_run.report
 
     # Epoch 1 raised once; FailureConfig restarted the worker group from the epoch-0 checkpoint, not from scratch.
     assert report.epochs == [0, 1, 2]
@@ -124,7 +121,7 @@ def test_two_worker_ddp_on_s3_survives_a_failure_learns_exports_the_best_and_res
 
     # Starting the finished run again with more epochs continues from its last checkpoint.
     more = resolve_config("restorer", None, {**TINY, "epochs": 4, "score_order": "min"})
-    again = run_training("restorer", ddp_run.data, launch, more)
+    again = launch("restorer", more, where, ddp_run.data)
     assert again.epochs == [0, 1, 2, 3]
     assert again.history[-1]["started_from_epoch"] == 3
 
@@ -171,7 +168,7 @@ def untrained(kind: str, config) -> torch.nn.Module:
 def test_generator_loops_learn_checkpoint_previews_and_export(s3, ray_cluster, fashion_mnist, fmnist_test_shards, kind):
     runs = s3.uri("train", "gen-runs")
     config = resolve_config(kind, None, {**GENERATORS[kind], "epochs": 2})
-    report = run_training(kind, fmnist_test_shards.uri, LaunchConfig(storage=runs, name=kind), config)
+    report = launch(kind, config, LaunchConfig(storage=runs, name=kind), fmnist_test_shards.uri)
     assert report.epochs == [0, 1]
     loaded = load_model(storage.read_bytes(report.model_path), expected_kind=kind)
     images = loaded.module.sample(4, generator=torch.Generator().manual_seed(0)).detach()
@@ -290,7 +287,7 @@ def test_bf16_mixed_degradations_fine_tune_from_a_model_file(s3, ray_cluster, dd
     # vanishing learning rate the weights stay where init_from put them, so validation starts where the base ended.
     overrides = {**TINY, "batch_norm": False, "epochs": 1, "precision": "bf16", "jpeg_p": 0.5, "blur_p": 0.3}
     config = resolve_config("restorer", None, {**overrides, "noise_p": 0.7, "init_from": str(start), "lr": 1e-9})
-    tuned = run_training("restorer", ddp_run.data, LaunchConfig(storage=ddp_run.runs, name="tuned", workers=1), config)
+    tuned = launch("restorer", config, LaunchConfig(storage=ddp_run.runs, name="tuned", workers=1), ddp_run.data)
     assert np.isfinite(tuned.history[0]["loss"])
     assert abs(tuned.history[0]["val_psnr"] - base_psnr) < 0.05
     # The exported weights are the base model's (a fresh start would have He-initialised ones).
@@ -304,9 +301,9 @@ def test_workers_that_leave_no_cpu_for_the_parquet_listing_are_refused(s3, ray_c
     2 CPUs for the worker would leave it waiting forever, so the launch refuses before anything runs."""
     runs = s3.uri("train", "refused-runs")
     config = resolve_config("dcgan", None, {"g_width": 8, "d_width": 8, "epochs": 1, "steps_per_epoch": 1})
-    launch = LaunchConfig(storage=runs, name="too-wide", cpus_per_worker=1.5)
+    where = LaunchConfig(storage=runs, name="too-wide", cpus_per_worker=1.5)
     with pytest.raises(
         ValueError, match=r"--cpus-per-worker 1.5 .* \(1 needed, the cluster has 2\); expected at most 1"
     ):
-        run_training("dcgan", fmnist_test_shards.uri, launch, config)
+        launch("dcgan", config, where, fmnist_test_shards.uri)
     assert not storage.exists(storage.join(runs, "too-wide", "config.json"))  # refused before the run was set up

@@ -14,13 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from restoration.checkpoint import save_model
 from restoration.metrics import image_grid
 from restoration.models.dcgan import DCGAN, DCGANConfig
-from restoration.train import launcher
+from restoration.train import worker
 from restoration.train.gan_core import ema_update, feature_distance, gan_step, make_optimizers
 
 
@@ -47,8 +46,7 @@ class DCGANTrainConfig:
 
     def __post_init__(self) -> None:
         self.model_config()  # validates the model part
-        if self.batch_size < 1 or self.epochs < 1 or (self.steps_per_epoch is not None and self.steps_per_epoch < 1):
-            raise ValueError("batch_size, epochs and steps_per_epoch must be >= 1")
+        worker.check_counts(self, "batch_size", "epochs", "steps_per_epoch")
 
     def model_config(self) -> DCGANConfig:
         return DCGANConfig(self.image_size, self.channels, self.latent_dim, self.g_width, self.d_width)
@@ -71,32 +69,28 @@ def train_loop_per_worker(config: dict) -> None:
     """The DCGAN's Ray Train loop (one call per worker)."""
     from ray.train.torch import prepare_model
 
-    cfg, rank, world_size = launcher.setup_worker(config, DCGANTrainConfig)
+    cfg, rank, world_size = worker.setup_worker(config, DCGANTrainConfig)
 
     # Load data: this worker's shard (uint8, kept in memory), and on rank 0 held-out images for the score.
-    train = launcher.load_image_tensor(launcher.shard_batches("train", 1024), cfg.channels)
-    val = launcher.load_image_tensor(launcher.validation_batches(1024), cfg.channels) if rank == 0 else None
+    train, val = worker.image_tensors(cfg.channels)
 
     # Build G, D, EMA G and the optimizers; resume from this attempt's checkpoint, if any.
     model = DCGAN(cfg.model_config())
     opt_g, opt_d = make_optimizers(model, lr=cfg.lr, betas=(cfg.beta1, 0.999))
     ema = copy.deepcopy(model.generator).eval().requires_grad_(False)
-    start_epoch = launcher.resume({"model": model, "ema": ema, "opt_g": opt_g, "opt_d": opt_d})
+    start_epoch = worker.resume({"model": model, "ema": ema, "opt_g": opt_g, "opt_d": opt_d})
     generator, discriminator = prepare_model(model.generator), prepare_model(model.discriminator)
     device = next(model.generator.parameters()).device
     ema.to(device)
 
+    steps = cfg.steps_per_epoch or max(1, len(train) // cfg.batch_size)
     for epoch in range(start_epoch, cfg.epochs):
-        launcher.maybe_fail(cfg, epoch, start_epoch)
-        rng = np.random.default_rng([cfg.seed, rank, epoch])
-        z_rng = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
-        order = torch.from_numpy(rng.permutation(len(train)))
-        steps = cfg.steps_per_epoch or max(1, len(train) // cfg.batch_size)
+        worker.maybe_fail(cfg, epoch, start_epoch)
+        z_rng, batches = worker.epoch_batches(train, cfg.batch_size, steps, (cfg.seed, rank, epoch), device)
         logs, t0 = [], time.perf_counter()
-        for step in range(steps):
-            # Sample a batch of real images.
-            index = order[(step * cfg.batch_size) % len(order) :][: cfg.batch_size]
-            real = to_model_range(train[index]).to(device, non_blocking=True)  # (B, C, S, S) in [-1, 1]
+        for step, images in enumerate(batches):
+            # Real images in the generator's range.
+            real = to_model_range(images).to(device, non_blocking=True)  # (B, C, S, S) in [-1, 1]
             # Update D, then G (both inside gan_step), then the EMA copy of G.
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logs.append(gan_step(generator, discriminator, opt_g, opt_d, real, cfg.latent_dim, z_rng))
@@ -105,20 +99,14 @@ def train_loop_per_worker(config: dict) -> None:
             ema_update(ema, model.generator, min(cfg.ema_decay, (1 + t) / (10 + t)))
         seconds = time.perf_counter() - t0
 
-        metrics = {k: float(np.mean([log[k] for log in logs])) for k in logs[0]}
-        metrics.update(
-            epoch=epoch,
-            started_from_epoch=start_epoch,
-            samples_per_s=steps * cfg.batch_size * world_size / seconds,
-            epoch_seconds=seconds,
-        )
+        metrics = worker.epoch_metrics(logs, epoch, start_epoch, steps * cfg.batch_size * world_size, seconds)
         state = None
         if rank == 0:
             with torch.no_grad():
                 fake = _sample(ema, cfg, min(cfg.eval_samples, len(val)), torch.Generator().manual_seed(cfg.seed + 1))
                 real = val[: len(fake)].float().div(255)
                 metrics["feature_distance"] = feature_distance(fake.cpu(), real)
-            print(f"[dcgan] epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            worker.log_epoch("dcgan", epoch, cfg.epochs, metrics)
             state = {
                 "model": model.state_dict(),
                 "ema": ema.state_dict(),
@@ -137,9 +125,9 @@ def train_loop_per_worker(config: dict) -> None:
             )
             save_model(folder / "model.pt", "dcgan", exported.config, exported, meta=meta)
             grid = _sample(ema, cfg, 64, torch.Generator().manual_seed(cfg.seed))  # the same z at every checkpoint
-            launcher.save_png(folder / "samples.png", image_grid(grid.cpu(), nrow=8))
+            worker.save_png(folder / "samples.png", image_grid(grid.cpu(), nrow=8))
 
-        launcher.report_epoch(metrics, state, write_files if rank == 0 else None)
+        worker.report_epoch(metrics, state, write_files if rank == 0 else None)
 
 
 def _sample(generator: torch.nn.Module, cfg: DCGANTrainConfig, n: int, rng: torch.Generator) -> torch.Tensor:

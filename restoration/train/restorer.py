@@ -24,8 +24,9 @@ import torch
 
 from restoration import codec, sources
 from restoration.checkpoint import load_named, save_model
+from restoration.errors import UserError
 from restoration.models.restorer import Restorer, RestorerConfig
-from restoration.train import launcher
+from restoration.train import worker
 from restoration.train.patches import PatchSampler
 from restoration.train.restorer_core import (
     DegradeMix,
@@ -91,14 +92,12 @@ class RestorerTrainConfig:
         NoiseSpec(**self.noise_kwargs())
         self.degrade_mix()
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+            raise UserError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.bn_recalibration_batches < 0:
-            raise ValueError(f"bn_recalibration_batches must be >= 0, got {self.bn_recalibration_batches}")
+            raise UserError(f"bn_recalibration_batches must be >= 0, got {self.bn_recalibration_batches}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise ValueError(f"time_budget_s must be > 0 seconds or None, got {self.time_budget_s!r}")
-        for name in ("patch_size", "batch_size", "steps_per_epoch", "epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            raise UserError(f"time_budget_s must be > 0 seconds or None, got {self.time_budget_s!r}")
+        worker.check_counts(self, "patch_size", "batch_size", "steps_per_epoch", "epochs")
 
     def model_config(self) -> RestorerConfig:
         return RestorerConfig(self.arch, self.channels, self.depth, self.width, self.batch_norm)
@@ -178,7 +177,7 @@ def init_weights(name_or_path: str, config: RestorerConfig) -> dict:
     """The state dict of a restorer model file, checked to match `config` (BN folded or not is not a match)."""
     loaded = load_named(name_or_path, expected_kind="restorer")
     if loaded.config != config:
-        raise ValueError(f"init_from={name_or_path!r} is a {loaded.config}, but this run trains a {config}")
+        raise UserError(f"init_from={name_or_path!r} is a {loaded.config}, but this run trains a {config}")
     return loaded.module.state_dict()
 
 
@@ -285,17 +284,17 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train.torch import prepare_model
 
     started = time.perf_counter()  # the time budget counts from here
-    cfg, rank, world_size = launcher.setup_worker(config, RestorerTrainConfig)
+    cfg, rank, world_size = worker.setup_worker(config, RestorerTrainConfig)
 
     # Load data: this worker's shard of the training images, and on rank 0 all the validation images.
-    train_images = decode_rows(launcher.shard_batches("train", 256), cfg.channels)
-    val_images = decode_rows(launcher.validation_batches(64), cfg.channels)
+    train_images = decode_rows(worker.shard_batches("train", 256), cfg.channels)
+    val_images = decode_rows(worker.validation_batches(64), cfg.channels)
 
     # Build the model and optimizer; resume from the checkpoint this attempt starts from, if any.
     torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights, hence the same run
     model = Restorer(cfg.model_config())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    start_epoch = launcher.resume({"model": model, "optimizer": optimizer})
+    start_epoch = worker.resume({"model": model, "optimizer": optimizer})
     if start_epoch == 0 and cfg.init_from:
         model.load_state_dict(init_weights(cfg.init_from, cfg.model_config()))
     if cfg.precision == "bf16":
@@ -308,7 +307,7 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         if epoch >= planned:
             break
-        launcher.maybe_fail(cfg, epoch, start_epoch)
+        worker.maybe_fail(cfg, epoch, start_epoch)
         t0 = time.perf_counter()
         losses = train_epoch(model, optimizer, cfg, train_images, rank, epoch, device, epochs=planned)
         seconds = time.perf_counter() - t0
@@ -329,7 +328,7 @@ def train_loop_per_worker(config: dict) -> None:
             if val_images:
                 val = evaluate_psnr(net, val_images, NoiseSpec(sigma=cfg.val_sigma), max_side=cfg.val_max_side)
                 metrics.update(val_psnr=val["psnr"], val_psnr_input=val["psnr_input"])
-            print(f"[restorer] epoch {epoch + 1}/{planned} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            worker.log_epoch("restorer", epoch, planned, metrics)
             state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
         metrics.setdefault("val_psnr", float("nan"))
         meta = {"train_config": dataclasses.asdict(cfg), "epoch": epoch, "metrics": metrics}
@@ -337,7 +336,7 @@ def train_loop_per_worker(config: dict) -> None:
         def write_files(folder: Path, meta=meta) -> None:
             save_model(folder / "model.pt", "restorer", net.config, net, meta=meta)
 
-        launcher.report_epoch(metrics, state, write_files if rank == 0 else None)
+        worker.report_epoch(metrics, state, write_files if rank == 0 else None)
         if cfg.time_budget_s is not None:  # every rank follows rank 0's clock, so all stop after the same epoch
             now = time.perf_counter()
-            planned = launcher.from_rank0(plan_epochs(cfg, epoch + 1, now - started, now - t0))
+            planned = worker.from_rank0(plan_epochs(cfg, epoch + 1, now - started, now - t0))

@@ -16,16 +16,9 @@ import numpy as np
 import torch
 
 from restoration.checkpoint import save_model
+from restoration.errors import UserError
 from restoration.models.vae import VAE, VAEConfig
-from restoration.train import launcher
-from restoration.train.vae_core import (
-    evaluate_elbo,
-    fit_latent_prior,
-    kl_weight,
-    prior_grid,
-    reconstruction_grid,
-    vae_step,
-)
+from restoration.train import vae_core, worker
 
 
 @dataclass(frozen=True)
@@ -53,10 +46,9 @@ class VAETrainConfig:
 
     def __post_init__(self) -> None:
         self.model_config()  # validates the model part
-        if self.batch_size < 1 or self.epochs < 1 or (self.steps_per_epoch is not None and self.steps_per_epoch < 1):
-            raise ValueError("batch_size, epochs and steps_per_epoch must be >= 1")
+        worker.check_counts(self, "batch_size", "epochs", "steps_per_epoch")
         if self.prior_components and self.prior_fit_images < self.prior_components:
-            raise ValueError(
+            raise UserError(
                 f"prior_fit_images={self.prior_fit_images!r}: expected >= prior_components ({self.prior_components})"
             )
 
@@ -95,51 +87,38 @@ def train_loop_per_worker(config: dict) -> None:
     """The VAE's Ray Train loop (one call per worker)."""
     from ray.train.torch import prepare_model
 
-    cfg, rank, world_size = launcher.setup_worker(config, VAETrainConfig)
+    cfg, rank, world_size = worker.setup_worker(config, VAETrainConfig)
 
     # Load data: this worker's shard (uint8, kept in memory), and on rank 0 held-out images.
-    train = launcher.load_image_tensor(launcher.shard_batches("train", 1024), cfg.channels)
-    val = None
-    if rank == 0:
-        val = launcher.load_image_tensor(launcher.validation_batches(1024), cfg.channels)[: cfg.eval_images]
+    train, val = worker.image_tensors(cfg.channels, val_limit=cfg.eval_images)
 
     # Build the model and optimizer; resume from this attempt's checkpoint, if any.
     model = VAE(cfg.model_config())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    start_epoch = launcher.resume({"model": model, "optimizer": optimizer})
+    start_epoch = worker.resume({"model": model, "optimizer": optimizer})
     model = prepare_model(model)
     net = model.module if hasattr(model, "module") else model
     device = next(net.parameters()).device
     steps = cfg.steps_per_epoch or max(1, len(train) // cfg.batch_size)
 
     for epoch in range(start_epoch, cfg.epochs):
-        launcher.maybe_fail(cfg, epoch, start_epoch)
-        rng = np.random.default_rng([cfg.seed, rank, epoch])
-        eps_rng = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
-        order = torch.from_numpy(rng.permutation(len(train)))
+        worker.maybe_fail(cfg, epoch, start_epoch)
+        eps_rng, batches = worker.epoch_batches(train, cfg.batch_size, steps, (cfg.seed, rank, epoch), device)
         logs, t0 = [], time.perf_counter()
-        for step in range(steps):
-            # Sample a batch.
-            index = order[(step * cfg.batch_size) % len(order) :][: cfg.batch_size]
-            x = train[index].float().div_(255).to(device, non_blocking=True)  # (B, C, S, S) in [0, 1]
+        for step, images in enumerate(batches):
+            x = images.float().div_(255).to(device, non_blocking=True)  # (B, C, S, S) in [0, 1]
             # Update weights on the negative ELBO, KL weighted by the warm-up.
-            beta = kl_weight(epoch * steps + step, cfg.kl_warmup_steps, cfg.beta)
-            logs.append(vae_step(model, optimizer, x, beta=beta, generator=eps_rng))
+            beta = vae_core.kl_weight(epoch * steps + step, cfg.kl_warmup_steps, cfg.beta)
+            logs.append(vae_core.vae_step(model, optimizer, x, beta=beta, generator=eps_rng))
         seconds = time.perf_counter() - t0
 
-        metrics = {f"train_{k}": float(np.mean([log[k] for log in logs])) for k in logs[0]}
-        metrics.update(
-            epoch=epoch,
-            started_from_epoch=start_epoch,
-            kl_weight=beta,
-            samples_per_s=steps * cfg.batch_size * world_size / seconds,
-            epoch_seconds=seconds,
-        )
+        samples = steps * cfg.batch_size * world_size
+        metrics = worker.epoch_metrics(logs, epoch, start_epoch, samples, seconds, "train_", kl_weight=beta)
         state = None
         if rank == 0:
-            val_metrics = evaluate_elbo(net, val.float().div(255).to(device))
+            val_metrics = vae_core.evaluate_elbo(net, val.float().div(255).to(device))
             metrics.update(val_nelbo=val_metrics["neg_elbo"], val_recon=val_metrics["recon"], val_kl=val_metrics["kl"])
-            print(f"[vae] epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            worker.log_epoch("vae", epoch, cfg.epochs, metrics)
             state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
         metrics.setdefault("val_nelbo", float("nan"))
         meta = {"train_config": dataclasses.asdict(cfg), "epoch": epoch, "metrics": metrics}
@@ -147,11 +126,10 @@ def train_loop_per_worker(config: dict) -> None:
         def write_files(folder: Path, meta=meta, epoch=epoch) -> None:
             if cfg.prior_components:  # the sampling prior, fitted to this checkpoint's posterior
                 subset = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)))
-                meta["prior"] = fit_latent_prior(net, train[subset[: cfg.prior_fit_images]], seed=cfg.seed)
+                meta["prior"] = vae_core.fit_latent_prior(net, train[subset[: cfg.prior_fit_images]], seed=cfg.seed)
             save_model(folder / "model.pt", "vae", net.config, net, meta=meta)
-            launcher.save_png(
-                folder / "reconstructions.png", reconstruction_grid(net, val[:8].float().div(255).to(device))
-            )
-            launcher.save_png(folder / "samples.png", prior_grid(net, n=64, seed=cfg.seed))
+            reconstructions = vae_core.reconstruction_grid(net, val[:8].float().div(255).to(device))
+            worker.save_png(folder / "reconstructions.png", reconstructions)
+            worker.save_png(folder / "samples.png", vae_core.prior_grid(net, n=64, seed=cfg.seed))
 
-        launcher.report_epoch(metrics, state, write_files if rank == 0 else None)
+        worker.report_epoch(metrics, state, write_files if rank == 0 else None)

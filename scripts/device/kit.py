@@ -11,7 +11,7 @@ Every stage runs in a process of its own under a wall-clock limit, so a stage th
 - ray: whether a local Ray starts on this machine at all;
 - throughput: `restoration bench throughput --only restore` on local folders (no S3 server there): the raw model
   loop against the pipeline, bf16 on a GPU, with the GPU's utilisation; without Ray, the raw loop alone;
-- one per model of TRAIN_STAGES: `run_training` (Ray Train, one worker, local storage) with `time_budget_s`, or,
+- one per model of TRAIN_STAGES: `train.launch` (Ray Train, one worker, local storage) with `time_budget_s`, or,
   when Ray does not start or its run fails, `plain_train`, the same loop in one process without Ray.
 The training stages share the time the earlier stages leave; each stage's budget is set when it starts.
 
@@ -102,20 +102,19 @@ def probe_ray(spec: dict) -> dict:
 
 
 def train_config(spec: dict):
-    from restoration.train.run import resolve_config
+    from restoration import train
 
-    return resolve_config("restorer", spec["preset"], spec["overrides"])
+    return train.resolve_config("restorer", spec["preset"], spec["overrides"])
 
 
 def train_with_ray(spec: dict) -> dict:
-    """`run_training` with one worker on local storage (the GPU when there is one)."""
-    from restoration.train.launcher import LaunchConfig
-    from restoration.train.run import run_training
+    """`restoration.train.launch` with one worker on local storage (the GPU when there is one)."""
+    from restoration import train
 
-    launch = LaunchConfig(
+    where = train.LaunchConfig(
         storage=spec["runs"], name=spec["name"], workers=1, gpu=spec["gpu"], max_failures=0, num_to_keep=None
     )
-    report = run_training("restorer", spec["data"], launch, train_config(spec), val=spec["val"])
+    report = train.launch("restorer", train_config(spec), where, spec["data"], spec["val"])
     return {"model_path": report.model_path, "history": report.history, "best": report.metrics}
 
 
@@ -126,19 +125,19 @@ def plain_train(spec: dict) -> dict:
     import torch
 
     from restoration.checkpoint import save_model
+    from restoration.cluster import default_cpus_per_worker, threads_for
     from restoration.device import default_device
     from restoration.models.restorer import Restorer
     from restoration.sources import load_images
-    from restoration.train.launcher import threads_for
     from restoration.train.restorer import init_weights, plan_epochs, recalibrate, train_epoch
     from restoration.train.restorer_core import NoiseSpec, evaluate_psnr
 
     started = time.perf_counter()
     cfg = train_config(spec)
     device = default_device()
-    # The torch threads a Ray Train worker would get (launcher.launch's defaults): more than the cores left free
-    # slow a CPU run down many times over on a busy machine.
-    torch.set_num_threads(threads_for(2.0 if device.type == "cuda" else max(0.5, min(4.0, (os.cpu_count() or 1) - 1))))
+    # The torch threads a Ray Train worker would get by default: more than the cores left free slow a CPU run down
+    # many times over on a busy machine.
+    torch.set_num_threads(threads_for(default_cpus_per_worker(os.cpu_count() or 1, 1, device.type == "cuda")))
     train_images = load_images(spec["data"], channels=cfg.channels)
     val_images = load_images(spec["val"], channels=cfg.channels) if spec["val"] else []
 
@@ -213,7 +212,7 @@ def raw_loop_only(config) -> dict:
     import torch
 
     from restoration.bench import throughput
-    from restoration.pipelines.restore import RestoreActor
+    from restoration.inference import RestoreActor
 
     noisy, _, origin = throughput.make_work(config)
     actor = RestoreActor(config.model, precision="auto").runner(1)
