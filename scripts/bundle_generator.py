@@ -49,15 +49,15 @@ def with_fitted_prior(loaded: LoadedModel, components: int, images: int = 20_000
     import numpy as np
     import torch
 
-    from restoration.fid import load_fashion_mnist
     from restoration.models.vae import VAE
+    from restoration.sources import read_fashion_mnist
     from restoration.train.vae_core import fit_latent_prior
 
     config = dataclasses.replace(loaded.config, prior_components=components)
     vae = VAE(config)
     missing = vae.load_state_dict(loaded.module.state_dict(), strict=False).missing_keys
     assert all(key.startswith("prior_") for key in missing), missing
-    train, _ = load_fashion_mnist("train")
+    train = torch.from_numpy(read_fashion_mnist("train")[0].copy())[:, None]  # (N, 1, 28, 28) uint8
     subset = torch.from_numpy(np.random.default_rng([seed, 0]).permutation(len(train))[:images])
     summary = fit_latent_prior(vae, train[subset], seed=seed)
     return dataclasses.replace(loaded, config=config, module=vae.eval()), summary
