@@ -1,4 +1,4 @@
-"""FID of the bundled Fashion-MNIST generators, with a Fashion-MNIST classifier as the feature network.
+"""FID with a Fashion-MNIST classifier as the feature network, and the image sets it is calibrated with.
 
 Fréchet Inception Distance: M. Heusel, H. Ramsauer, T. Unterthiner, B. Nessler, S. Hochreiter, "GANs Trained by a
 Two Time-Scale Update Rule Converge to a Local Nash Equilibrium", NeurIPS 2017. Real and generated images are
@@ -9,44 +9,31 @@ embedded by a fixed network, each set of embeddings is fitted by a Gaussian N(mu
 The statistics and the distance come from torchmetrics' `FrechetInceptionDistance` (sums kept in float64); here the
 network is the penultimate layer of `restoration.models.classifier.Classifier` trained on Fashion-MNIST (bundled as
 `fmnist-classifier`), because Inception v3 features of 28x28 gray images upscaled to 299x299 say little about them.
-When Inception weights are supplied the usual Inception FID is computed as well, for comparison with the literature.
+`inception_metric` gives the usual Inception FID when its weights are supplied, for comparison with the literature.
 
 Numbers from different feature networks, or from different sample counts, are not comparable: FID is biased upwards
-at small N. So every benchmark reports, with the same extractor and N, calibration rows against the same reference
-(the Fashion-MNIST test split): the real-vs-real floor (train-split images vs the test split), and the test images
-themselves pixelated 2x and with Gaussian noise (sigma 25/255), the kind of disturbance Heusel et al. used to show
-that FID grows with visible damage. A generator near the floor is as good as this metric can tell; one above the
-disturbed rows makes images that look worse to this network than visibly damaged real ones.
-
-    python -m restoration.fid --models dcgan-fmnist,vae-fmnist -n 10000 --out fid-report/
+at small N. `pixelate2x` and `add_noise` make the disturbed real sets a benchmark reports beside its generators
+(`restoration bench fid`, in `restoration.bench.fid`).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import os
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from restoration.checkpoint import LoadedModel, load_named, model_label
-from restoration.metrics import image_grid
+from restoration.checkpoint import LoadedModel, load_named
+from restoration.errors import UserError
 from restoration.models.classifier import CHANNELS, IMAGE_SIZE, Classifier
-from restoration.sources import FASHION_MNIST_DIR, FASHION_MNIST_ENV, read_fashion_mnist
+from restoration.sources import read_fashion_mnist
 
 DEFAULT_EXTRACTOR = "fmnist-classifier"  # bundled in restoration/weights
-DEFAULT_MODELS = ("dcgan-fmnist", "vae-fmnist")
 GENERATOR_KINDS = ("dcgan", "vae")
 TEST_SPLIT_SIZE = 10000  # images in the Fashion-MNIST test split, the most one row can compare against
-GRID_SAMPLES = 64  # images in each <model>_samples.png, 8 x 8
 
 
 # --- Data ---------------------------------------------------------------------------------------------------------
@@ -164,7 +151,8 @@ def load_extractor(name_or_path: str | None = None, batch_size: int = 500) -> tu
     return FeatureExtractor(loaded.module, batch_size=batch_size), loaded
 
 
-def _update(metric: FrechetInceptionDistance, images: Tensor, real: bool, batch_size: int) -> None:
+def add_images(metric: FrechetInceptionDistance, images: Tensor, real: bool, batch_size: int) -> None:
+    """Feed `images` to the real or the generated side of `metric`, `batch_size` at a time."""
     for i in range(0, images.shape[0], batch_size):
         metric.update(images[i : i + batch_size], real=real)
 
@@ -182,12 +170,12 @@ def fid(real: Tensor, fake: Tensor, extractor: nn.Module, batch_size: int = 500)
     _check_images(real, "real")
     _check_images(fake, "fake")
     metric = FrechetInceptionDistance(feature=extractor)
-    _update(metric, real, True, batch_size)
-    _update(metric, fake, False, batch_size)
+    add_images(metric, real, True, batch_size)
+    add_images(metric, fake, False, batch_size)
     return float(metric.compute())
 
 
-def _inception_metric(weights_path: str) -> FrechetInceptionDistance:
+def inception_metric(weights_path: str) -> FrechetInceptionDistance:
     """torchmetrics' Inception FID (2048-d pool features, torch-fidelity's FID Inception v3) from local weights."""
     if importlib.util.find_spec("torch_fidelity") is None:
         raise ModuleNotFoundError("Inception FID needs the torch-fidelity package: pip install torch-fidelity")
@@ -200,7 +188,7 @@ def _inception_metric(weights_path: str) -> FrechetInceptionDistance:
     )
 
 
-def _to_rgb_uint8(images: Tensor) -> Tensor:
+def to_rgb_uint8(images: Tensor) -> Tensor:
     """(N, 1, H, W) float in [0, 1] -> (N, 3, H, W) uint8, what the Inception network takes (it resizes to 299)."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
 
@@ -208,13 +196,13 @@ def _to_rgb_uint8(images: Tensor) -> Tensor:
 # --- Generators ---------------------------------------------------------------------------------------------------
 
 
-def _check_generator(loaded: LoadedModel, name: str) -> LoadedModel:
+def check_generator(loaded: LoadedModel, name: str) -> LoadedModel:
     """Refuse a model file that is not a generator of 1-channel 28x28 images."""
     if loaded.kind not in GENERATOR_KINDS:
-        raise ValueError(f"{name} is a {loaded.kind} model: expected one of {', '.join(GENERATOR_KINDS)}")
+        raise UserError(f"{name} is a {loaded.kind} model: expected one of {', '.join(GENERATOR_KINDS)}")
     config = loaded.config
     if (config.channels, config.image_size) != (CHANNELS, IMAGE_SIZE):
-        raise ValueError(
+        raise UserError(
             f"{name} makes {config.channels}-channel {config.image_size}x{config.image_size} images: "
             f"expected {CHANNELS}-channel {IMAGE_SIZE}x{IMAGE_SIZE} (Fashion-MNIST)"
         )
@@ -227,10 +215,11 @@ def latent_source(loaded: LoadedModel) -> str:
     return f"a {k}-component mixture fitted to q(z)" if k else "N(0, I)"
 
 
-def _generate(loaded: LoadedModel, n: int, seed: int, batch_size: int, name: str) -> Tensor:
-    _check_generator(loaded, name)
+def sample_images(loaded: LoadedModel, n: int, seed: int, batch_size: int, name: str) -> Tensor:
+    """`generate` for a model file already loaded (`name` is what errors call it)."""
+    check_generator(loaded, name)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1 or batch_size < 1:
-        raise ValueError(f"n={n!r}, batch_size={batch_size!r}: expected ints >= 1")
+        raise UserError(f"n={n!r}, batch_size={batch_size!r}: expected ints >= 1")
     module = loaded.module.eval()
     generator = torch.Generator().manual_seed(seed)
     chunks = []
@@ -253,214 +242,4 @@ def generate(model_name_or_path: str, n: int, seed: int = 0, batch_size: int = 5
     Returns:
         (n, 1, 28, 28) float32 images in [0, 1], on CPU.
     """
-    return _generate(load_named(model_name_or_path), n, seed, batch_size, model_name_or_path)
-
-
-# --- The benchmark ------------------------------------------------------------------------------------------------
-
-
-def _save_grid(path: Path, images: Tensor) -> None:
-    Image.fromarray(image_grid(images[:GRID_SAMPLES], nrow=8)).save(path)
-
-
-def run_fid_bench(
-    models: list[str],
-    n: int = 10000,
-    seed: int = 0,
-    extractor_path: str | None = None,
-    inception_weights: str | os.PathLike | None = None,
-    out_dir: str | os.PathLike | None = None,
-    fashion_mnist: str | os.PathLike | None = None,
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """FID of each generator against the Fashion-MNIST test split, with calibration rows of the same extractor and N.
-
-    The reference is n test images (all 10,000 for n = 10,000, otherwise a seeded random subset). Rows: each model's
-    n samples; "floor": n train-split images (seeded subset); "pixelated 2x" and "noise sigma=25": the reference
-    images themselves, disturbed.
-
-    Args:
-        models: generator names or paths (see `generate`); may be empty for the calibration rows alone.
-        n: images per set, 2 to 10,000 (the size of the test split).
-        seed: seeds the subsets, the latents and the noise.
-        extractor_path: classifier model file (name, path or s3:// URI); None is the bundled `fmnist-classifier`.
-        inception_weights: path to torch-fidelity's FID Inception v3 weights; when given, every row also gets the
-            usual Inception FID (needs `pip install torch-fidelity`; slow on CPU).
-        out_dir: when given, `fid.md`, `fid.json`, `<model>_samples.png` (64 samples each) and `real_samples.png`
-            are written there.
-        fashion_mnist: the idx files' folder (see `load_fashion_mnist`).
-        log: called with a progress line after each row.
-    Returns:
-        {"n", "seed", "reference", "extractor": {...}, "rows": [{"name", "kind", "description", "n", "fid",
-        "fid_over_floor", ["inception_fid"], ["model_sha256"], "seconds"}, ...], "seconds", "table"}.
-    """
-    start = time.perf_counter()
-    say = log or (lambda line: None)
-    inception = _inception_metric(os.fspath(inception_weights)) if inception_weights is not None else None
-    # Check the arguments and load every model before the data and the slow part, so a bad one fails at once.
-    if not isinstance(n, int) or isinstance(n, bool) or not 2 <= n <= TEST_SPLIT_SIZE:
-        raise ValueError(f"n={n!r}: expected an int in [2, {TEST_SPLIT_SIZE}] (the size of the test split)")
-    loaded = {name: _check_generator(load_named(name), name) for name in models}
-    extractor, extractor_file = load_extractor(extractor_path)
-    test_x, _ = load_fashion_mnist("test", fashion_mnist)
-    train_x, _ = load_fashion_mnist("train", fashion_mnist)
-    rng = torch.Generator().manual_seed(seed)
-    reference = test_x if n == test_x.shape[0] else test_x[torch.randperm(test_x.shape[0], generator=rng)[:n]]
-    floor_set = train_x[torch.randperm(train_x.shape[0], generator=rng)[:n]]
-
-    # Reference statistics, once: reset() keeps them (reset_real_features=False) and clears the generated side.
-    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
-    _update(metric, reference, True, extractor.batch_size)
-    if inception is not None:
-        _update(inception, _to_rgb_uint8(reference), True, extractor.batch_size)
-
-    def score(images: Tensor) -> dict:
-        metric.reset()
-        _update(metric, images, False, extractor.batch_size)
-        out = {"fid": float(metric.compute())}
-        if inception is not None:
-            inception.reset()
-            _update(inception, _to_rgb_uint8(images), False, extractor.batch_size)
-            out["inception_fid"] = float(inception.compute())
-        return out
-
-    out_path = Path(out_dir) if out_dir is not None else None
-    if out_path is not None:
-        out_path.mkdir(parents=True, exist_ok=True)
-        _save_grid(out_path / "real_samples.png", reference)
-    rows = []
-    for name, model in loaded.items():
-        t0 = time.perf_counter()
-        images = _generate(model, n, seed, extractor.batch_size, name)
-        label = model_label(name)
-        if out_path is not None:
-            _save_grid(out_path / f"{label}_samples.png", images)
-        rows.append(
-            {
-                "name": label,
-                "kind": "generated",
-                "description": f"{model.kind} samples, z ~ {latent_source(model)}, seed {seed}",
-                "n": n,
-                **score(images),
-                "model_sha256": model.sha256,
-                "seconds": round(time.perf_counter() - t0, 1),
-            }
-        )
-        say(f"{label}: FID {rows[-1]['fid']:.4g} ({rows[-1]['seconds']}s)")
-    calibration = [
-        ("floor", "real vs real: train-split images vs the test reference", lambda: floor_set),
-        ("pixelated 2x", "the reference images, every other pixel repeated 2x2", lambda: pixelate2x(reference)),
-        ("noise sigma=25", "the reference images + N(0, (25/255)^2), clipped", lambda: add_noise(reference, 25, seed)),
-    ]
-    for name, description, make in calibration:
-        t0 = time.perf_counter()
-        rows.append({"name": name, "kind": "calibration", "description": description, "n": n, **score(make())})
-        rows[-1]["seconds"] = round(time.perf_counter() - t0, 1)
-        say(f"{name}: FID {rows[-1]['fid']:.4g} ({rows[-1]['seconds']}s)")
-    floor = next(row["fid"] for row in rows if row["name"] == "floor")
-    for row in rows:
-        row["fid_over_floor"] = row["fid"] / floor if floor > 0 else float("inf")
-
-    result = {
-        "n": n,
-        "seed": seed,
-        "reference": f"Fashion-MNIST test split ({n} of {test_x.shape[0]} images)",
-        "extractor": {
-            "model": extractor_path or DEFAULT_EXTRACTOR,
-            "sha256": extractor_file.sha256,
-            "feature_dim": extractor.num_features,
-            "test_accuracy": extractor_file.meta.get("test_accuracy"),
-        },
-        "inception_weights": os.fspath(inception_weights) if inception_weights is not None else None,
-        "rows": rows,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    result["table"] = format_table(result)
-    if out_path is not None:
-        (out_path / "fid.json").write_text(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
-        (out_path / "fid.md").write_text(_markdown(result, [model_label(name) for name in loaded]))
-    return result
-
-
-def format_table(result: dict) -> str:
-    """The rows of a `run_fid_bench` result as a Markdown table."""
-    inception = any("inception_fid" in row for row in result["rows"])
-    header = ["set", "n", "FID (classifier)", "x floor"] + (["Inception FID"] if inception else []) + ["what"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for row in result["rows"]:
-        cells = [row["name"], str(row["n"]), f"{row['fid']:.4f}", f"{row['fid_over_floor']:.1f}"]
-        if inception:
-            cells.append(f"{row['inception_fid']:.2f}" if "inception_fid" in row else "")
-        cells.append(row["description"])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _markdown(result: dict, labels: list[str]) -> str:
-    extractor = result["extractor"]
-    accuracy = extractor["test_accuracy"]
-    lines = [
-        "# FID on Fashion-MNIST",
-        "",
-        f"Reference: {result['reference']}. Features: `{extractor['model']}` (sha256 {extractor['sha256'][:12]}, "
-        f"{extractor['feature_dim']}-d penultimate layer"
-        + (f", test accuracy {accuracy:.4f}" if isinstance(accuracy, float) else "")
-        + f"). Seed {result['seed']}. Lower is better; the floor is what real images score at this N.",
-        "",
-        result["table"],
-        "",
-        "Samples (64 each): " + ", ".join(f"`{label}_samples.png`" for label in labels + ["real"]) + ".",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-# --- Command line -------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `restoration bench fid` (and `python -m restoration.fid`)."""
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated generator names or paths")
-    parser.add_argument("-n", type=int, default=10000, help="images per set (at most 10000, the test split)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="folder for fid.md, fid.json and the sample grids")
-    parser.add_argument("--extractor", default=None, help=f"classifier model file (default: {DEFAULT_EXTRACTOR})")
-    parser.add_argument("--inception-weights", default=None, help="FID Inception v3 weights: adds Inception FID")
-    parser.add_argument(
-        "--fashion-mnist", default=None, help=f"idx files folder (default: ${FASHION_MNIST_ENV} or {FASHION_MNIST_DIR})"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark from parsed `add_arguments` options and print the table.
-
-    Returns:
-        The exit status, 0.
-    """
-    models = [name.strip() for name in args.models.split(",") if name.strip()]
-    result = run_fid_bench(
-        models,
-        n=args.n,
-        seed=args.seed,
-        extractor_path=args.extractor,
-        inception_weights=args.inception_weights,
-        out_dir=args.out,
-        fashion_mnist=args.fashion_mnist,
-        log=lambda line: print(line, flush=True),
-    )
-    print(result["table"])
-    print(f"{result['seconds']:.0f}s" + (f"; wrote {args.out}/fid.md, fid.json and sample grids" if args.out else ""))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m restoration.fid [options]`: see `add_arguments`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m restoration.fid", description="FID of the Fashion-MNIST generators"
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return sample_images(load_named(model_name_or_path), n, seed, batch_size, model_name_or_path)

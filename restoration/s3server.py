@@ -120,6 +120,11 @@ class EmbeddedS3:
             "AWS_REGION": "us-east-1",
         }
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs (None when stopped): what a caller counts its CPU time by."""
+        return self._proc.pid if self._proc is not None else None
+
     def uri(self, *parts: str) -> str:
         """`s3://<bucket>/<parts...>`."""
         return "/".join([f"s3://{self.bucket}", *(p.strip("/") for p in parts if p)])

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fid:
         import tempfile
 
-        from restoration.fid import run_fid_bench
+        from restoration.bench.fid import run_fid_bench
 
         with tempfile.TemporaryDirectory() as out_dir:
             result = run_fid_bench([str(target)], n=args.fid, seed=0, out_dir=Path(out_dir))

@@ -14,6 +14,7 @@ from skimage import data as skdata
 
 from restoration import degrade, metrics
 from restoration.bench import quality
+from restoration.bench.quality.images import center_crop
 from restoration.checkpoint import load_named
 
 
@@ -54,7 +55,7 @@ def test_gray_benchmark_orders_methods_follows_the_protocol_and_writes_files(tmp
 
     # The protocol, recomputed outside the benchmark for the first image: noise seeded by (image, sigma), BM3D fed
     # the unclipped noisy array, every output clipped before PSNR.
-    crop = quality._center_crop(clean[0], 96)
+    crop = center_crop(clean[0], 96)
     noisy_image = degrade.gaussian_noise(crop, 25, degrade.rng_for(0, "array-0/noise:25"))
     assert noisy["per_image"][0]["psnr"] == pytest.approx(metrics.psnr(np.clip(noisy_image, 0, 1), crop), abs=1e-9)
     profile = bm3d.BM3DProfile()
@@ -119,7 +120,7 @@ def test_restore_models_get_jpeg_and_blur_rows_and_each_model_its_own_numbers():
     rows = _rows(result)
     specs = ["noise:25", "jpeg:10", "jpeg:20", "blur:1"]
     assert list(dict.fromkeys(r["degradation"] for r in result.rows)) == specs
-    crop = quality._center_crop(clean, 64)
+    crop = center_crop(clean, 64)
     inputs = {
         "noise:25": degrade.gaussian_noise(crop, 25, degrade.rng_for(0, "array-0/noise:25")),
         "jpeg:10": degrade.jpeg(crop, 10),

@@ -15,6 +15,7 @@ from PIL import Image
 
 from restoration import fid as F
 from restoration import sources
+from restoration.bench import fid as fid_bench
 from restoration.checkpoint import load_model, load_named, model_to_bytes
 from restoration.models.classifier import Classifier, ClassifierConfig
 from restoration.train.classifier import ClassifierFitConfig, augment, evaluate_accuracy, fit_classifier
@@ -170,11 +171,11 @@ def test_generate_refuses_other_kinds():
     with pytest.raises(ValueError, match="restorer model: expected one of dcgan, vae"):
         F.generate("denoise-gray", 4, seed=0)
     with pytest.raises(ValueError, match="denoise-gray is a restorer model"):
-        F.run_fid_bench(["vae-fmnist", "denoise-gray"], n=100)
+        fid_bench.run_fid_bench(["vae-fmnist", "denoise-gray"], n=100)
 
 
 def test_run_fid_bench_writes_report(fashion_mnist, tmp_path, capsys):
-    result = F.run_fid_bench(["dcgan-fmnist", "vae-fmnist"], n=500, seed=0, out_dir=tmp_path)
+    result = fid_bench.run_fid_bench(["dcgan-fmnist", "vae-fmnist"], n=500, seed=0, out_dir=tmp_path)
     names = [row["name"] for row in result["rows"]]
     assert names == ["dcgan-fmnist", "vae-fmnist", "floor", "pixelated 2x", "noise sigma=25"]
     for row in result["rows"]:
@@ -194,11 +195,11 @@ def test_run_fid_bench_writes_report(fashion_mnist, tmp_path, capsys):
         assert grid.shape == (8 * 30 + 2, 8 * 30 + 2, 3) and grid.max() > 128  # 8 x 8 tiles of 28 px + 2 px borders
 
     # The command-line pair runs the same benchmark and prints the table.
-    assert F.main(["--models", "vae-fmnist", "-n", "200", "--seed", "1"]) == 0
+    assert fid_bench.main(["--models", "vae-fmnist", "-n", "200", "--seed", "1"]) == 0
     printed = capsys.readouterr().out
     assert "| vae-fmnist | 200 |" in printed and "| floor | 200 |" in printed
     with pytest.raises(ValueError, match=r"n=20000: expected an int in \[2, 10000\]"):
-        F.run_fid_bench([], n=20000)
+        fid_bench.run_fid_bench([], n=20000)
 
 
 def readme_fid_table() -> dict[str, float]:
@@ -218,7 +219,7 @@ def test_the_readme_fid_table_is_what_the_bench_measures(fashion_mnist):
     # any machine it must land within 2 % of each (float summation order is all that may differ).
     published = readme_fid_table()
     assert {"floor", "pixelated 2×", "noise σ = 25", "dcgan-fmnist", "vae-fmnist"} <= set(published), published
-    result = F.run_fid_bench(["dcgan-fmnist", "vae-fmnist"], n=10000, seed=0)
+    result = fid_bench.run_fid_bench(["dcgan-fmnist", "vae-fmnist"], n=10000, seed=0)
     measured = {row["name"]: row["fid"] for row in result["rows"]}
     names = {"pixelated 2×": "pixelated 2x", "noise σ = 25": "noise sigma=25"}
     for readme_name in ("dcgan-fmnist", "vae-fmnist", "pixelated 2×", "noise σ = 25", "floor"):
@@ -231,10 +232,10 @@ def test_the_readme_fid_table_is_what_the_bench_measures(fashion_mnist):
 def test_inception_fid_needs_torch_fidelity(fashion_mnist, tmp_path):
     if importlib.util.find_spec("torch_fidelity") is None:
         with pytest.raises(ModuleNotFoundError, match="pip install torch-fidelity"):
-            F.run_fid_bench(["vae-fmnist"], n=100, inception_weights=tmp_path / "weights.pth")
+            fid_bench.run_fid_bench(["vae-fmnist"], n=100, inception_weights=tmp_path / "weights.pth")
     else:
         with pytest.raises(FileNotFoundError, match="weights.pth"):
-            F.run_fid_bench(["vae-fmnist"], n=100, inception_weights=tmp_path / "weights.pth")
+            fid_bench.run_fid_bench(["vae-fmnist"], n=100, inception_weights=tmp_path / "weights.pth")
 
 
 def test_augment_moves_content_without_losing_it():

@@ -1,0 +1,85 @@
+"""The options of `restoration bench quality`, and the command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from restoration.bench.quality.config import QualityConfig
+from restoration.bench.quality.measure import benchmark
+from restoration.bench.quality.report import format_table, write_report
+from restoration.bench.summary import print_summary
+from restoration.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `restoration bench quality`.
+
+    Args:
+        parser: the (sub)parser to add them to.
+    """
+    parser.add_argument("--color", action="store_true", help="colour mode: the 7 colour sample photos, CBM3D")
+    parser.add_argument("--images", default=None, help="folder of images (default: Set12, or the colour photos)")
+    parser.add_argument(
+        "--datasets", default=None, help="folder of Set12 (default: $RESTORATION_DATASETS or ../shared/datasets)"
+    )
+    parser.add_argument("--sigmas", default="15,25,50", help="noise levels on the 0-255 scale (default 15,25,50)")
+    parser.add_argument("--models", default=None, help="restorers, comma-separated (default: the bundled ones)")
+    parser.add_argument("--methods", default=None, help="classical methods subset, comma-separated (default: all)")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N images")
+    parser.add_argument("--crop", type=int, default=None, help="central crop side in px (fast checks)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+    parser.add_argument("--out", default="bench-output", help="output folder (default ./bench-output)")
+    parser.add_argument(
+        "--ensemble", action="store_true", help="also run each model with the 8-orientation self-ensemble (x8 rows)"
+    )
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def config_from_args(args: argparse.Namespace) -> QualityConfig:
+    """Build the config from parsed `add_arguments` options; a `UserError` names a bad value.
+
+    Args:
+        args: parsed arguments.
+    Returns:
+        The config.
+    """
+    sigmas = []
+    for part in _split(args.sigmas) or ():
+        try:
+            sigmas.append(float(part))
+        except ValueError:
+            raise UserError(f"--sigmas value {part!r}: expected numbers in (0, 255], e.g. 15,25,50") from None
+    return QualityConfig(
+        color=args.color,
+        images=args.images,
+        datasets=args.datasets,
+        sigmas=tuple(sigmas),
+        models=_split(args.models),
+        methods=_split(args.methods),
+        limit=args.limit,
+        crop=args.crop,
+        threads=args.threads,
+        out_dir=args.out,
+        ensemble=args.ensemble,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """`restoration bench quality`: run, print the table and notes, write the report files; exit status 0."""
+    config = config_from_args(args)
+    result = benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    paths = write_report(result, config.out_dir)
+    table = "\n".join(
+        [
+            f"images: {len(result.image_names)} from {result.image_set}",
+            f"threads: {result.threads}; CPU: {result.device['cpu']}; models on {result.device['models_on']}",
+            format_table(result.rows),
+        ]
+    )
+    return print_summary(table, result.notes, paths.values(), result.wall_seconds)
