@@ -90,10 +90,9 @@ def benchmark(
             progress(f"Ray started in {ray_startup_s:.1f} s")
         extra_pids = {"s3_server": server.pid} if server is not None and server.pid is not None else {}
         session = Session(work, root, tag, ray_startup_s, default_threads, extra_pids)
-        env = environment(default_threads)
-        result = ThroughputResult(
+        result = ThroughputResult(  # the arguments are evaluated in order: the sections run between the two loads
             config=config,
-            environment=env,
+            environment=environment(default_threads),
             store=root,
             ray_startup_s=ray_startup_s,
             ray_started_here=started_ray,

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -31,6 +31,9 @@ from restoration.bench.throughput.timing import LoopTiming, Steady, split, stead
 from restoration.bench.throughput.work import Staged, WorkImage, megapixels, repeat_work, split_s3, stage_inputs
 from restoration.cluster import Pool, actor_resources
 
+if TYPE_CHECKING:
+    import torch
+
 CALIBRATION_BATCHES = 2  # timed batches (after one warm-up batch) that size the run for --min-model-seconds
 RECHECK_BATCHES = 8  # timed batches per stream of the limit loop run again at the end
 # No pipeline outruns the raw model: a steady state more than this factor above the limit says the limit loop ran on
@@ -41,7 +44,7 @@ STEADY_SLACK = 1.05
 class Batch(NamedTuple):
     images: int
     megapixels: float
-    x: object  # (images, C, H, W) tensor on the actor's device; a gray model gets (3 images, 1, H, W) of colour ones
+    x: torch.Tensor  # (images, C, H, W) on the actor's device; a gray model gets (3 images, 1, H, W) of colour ones
 
 
 @dataclass
@@ -362,8 +365,8 @@ def bench_restore(config: ThroughputConfig, session: Session, progress: Progress
     def limit_model() -> tuple:
         """The model the pipeline's actor runs on these images (building it sets this process's threads), and the
         pre-decoded batches of the limit loop."""
-        runner = RestoreActor(config.model, threads=pool.threads, precision="auto", compile=config.compile)
-        actor = runner.runner(channels)
+        restore_actor = RestoreActor(config.model, threads=pool.threads, precision="auto", compile=config.compile)
+        actor = restore_actor.runner(channels)
         return actor, limit_batches(actor, noisy, config.batch_size)
 
     # Calibrate: warm up, time a few batches, and raise the count until the model alone needs the minimum.
