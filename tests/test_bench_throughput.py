@@ -71,7 +71,7 @@ def test_config_rejects_bad_values_with_the_value_named():
     with pytest.raises(ValueError, match="s3://"):
         ThroughputConfig(store="/tmp/somewhere")
     # The benchmarks import no training code: without it handed in, the training section refuses before any work.
-    with pytest.raises(ValueError, match="measures the training code"):
+    with pytest.raises(ValueError, match="the training section needs trainer="):
         throughput.benchmark(ThroughputConfig(only=("restore", "training")))
 
 

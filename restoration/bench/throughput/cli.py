@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=",".join(SECTIONS), help="sections, comma-separated (default: all)")
     parser.add_argument("--images", default=None, help="folder of images to cut crops from (default: Set12+Train400)")
     parser.add_argument(
-        "--datasets", default=None, help="folder of Set12 and Train400 (default: $RESTORATION_DATASETS or ../shared)"
+        "--datasets",
+        default=None,
+        help="folder of Set12 and Train400 (default: $RESTORATION_DATASETS or ../shared/datasets)",
     )
     parser.add_argument("--count", type=int, default=d.count, help=f"distinct images (default {d.count})")
     parser.add_argument("--size", type=int, default=d.size, help=f"crop side in px (default {d.size})")

@@ -62,7 +62,9 @@ def benchmark(
     from restoration.s3server import EmbeddedS3
 
     if "training" in config.only and trainer is None:
-        raise UserError("the training section measures the training code, which this caller did not hand in")
+        raise UserError(
+            "the training section needs trainer= (the training code it measures); without it use --only restore,synthesis"
+        )
     t_start = time.perf_counter()
     default_threads = torch.get_num_threads()
     tag = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
