@@ -2,7 +2,7 @@
 `train_epoch`), both timed per epoch by the step loop alone, so start-up, data loading, validation and checkpoints are
 left out of both.
 
-The benchmarks import no training code (the package's layout rule: `restoration.train` may build on them, not the
+The benchmarks import no training code (the package's layout rule: the train package may build on them, not the
 other way round), so the training code this section measures is handed in as a `Trainer` by the command line.
 """
 
@@ -26,7 +26,7 @@ from restoration.bench.throughput.work import stage_inputs
 
 @dataclass(frozen=True)
 class Trainer:
-    """The training code the section measures (`restoration.train`), handed in by the command line."""
+    """The training code the section measures (the train package's), handed in by the command line."""
 
     resolve_config: Callable[..., Any]  # train.resolve_config(kind, preset, overrides) -> the family's train config
     launch_config: Callable[..., Any]  # train.LaunchConfig(storage=, name=, workers=, num_to_keep=)
