@@ -70,6 +70,22 @@ def _bench_modules() -> dict:
     return {"quality": quality, "throughput": throughput, "fid": fid}
 
 
+def _bench_throughput(args: argparse.Namespace) -> int:
+    """`bench throughput` with the training code handed in for its training section (the benchmarks import none)."""
+    from restoration import train
+    from restoration.bench import throughput
+    from restoration.train import restorer
+
+    trainer = throughput.Trainer(
+        resolve_config=train.resolve_config,
+        launch_config=train.LaunchConfig,
+        launch=train.launch,
+        train_epoch=restorer.train_epoch,
+        decode_rows=restorer.decode_rows,
+    )
+    return throughput.run(args, trainer)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `restoration` parser. The options of `train` and `bench`, which import torch and the models to list their
     presets, are built only when `command` is that command, or None (all of them)."""
@@ -136,7 +152,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         q = bench.add_parser(name, help=help_text, description=mod.__doc__.split("\n\n")[0] if mod else help_text)
         if mod:
             mod.add_arguments(q)
-            q.set_defaults(func=mod.run)
+            q.set_defaults(func=_bench_throughput if name == "throughput" else mod.run)
 
     p = sub.add_parser("s3-server", help="run the embedded S3 server (SeaweedFS) until interrupted")
     p.add_argument("--data-dir", default=None, help="keep the data here (default: a temporary folder)")
@@ -199,7 +215,11 @@ def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `restoration synthesize` (shared with the jobs)."""
     p.add_argument("--model", required=True, help="bundled name (dcgan-fmnist, vae-fmnist), model file or s3:// URI")
     p.add_argument(
-        "--out", dest="output", metavar="OUT", required=True, help="output folder or S3 prefix; the run writes OUT/run_id=<id>/"
+        "--out",
+        dest="output",
+        metavar="OUT",
+        required=True,
+        help="output folder or S3 prefix; the run writes OUT/run_id=<id>/",
     )
     p.add_argument("--mode", choices=["sample", "interpolate", "reconstruct"], default="sample")
     p.add_argument("--count", type=_positive_int, default=None, help="sample mode: number of images")

@@ -26,7 +26,6 @@ import time
 import numpy as np
 import pyarrow as pa
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 
 from restoration import codec, degrade, schemas, sources
@@ -98,7 +97,9 @@ class ModelRunner:
         self.compiled = compile
         self.ensemble = ensemble
         if compile:
-            torch._dynamo.config.suppress_errors = True  # a compiler failure falls back to eager, not an error row
+            import torch._dynamo as dynamo  # only here: importing the compiler costs every actor seconds of CPU
+
+            dynamo.config.suppress_errors = True  # a compiler failure falls back to eager, not an error row
             self.net = torch.compile(self.net)
         self.channels = self.loaded.config.channels
         # The overlap is the context each tile sees beyond the part it keeps: at least the receptive radius makes

@@ -204,51 +204,52 @@ def bench_restore(spec: dict) -> dict:
         return {"summary": raw_loop_only(config), "note": "Ray did not start: the raw model loop alone"}
     result = throughput.benchmark(config, progress=lambda line: print(f"[throughput] {line}", flush=True))
     throughput.write_report(result, config.out_dir)
-    return {"summary": bench_summary(result), "result": throughput._jsonable(result)}
+    return {"summary": bench_summary(result), "result": throughput.to_json(result)}
 
 
 def raw_loop_only(config) -> dict:
     """The benchmark's raw model loop (its `limit`) on the same work, without Ray."""
     import torch
 
-    from restoration.bench import throughput
+    from restoration.bench.summary import jsonable
+    from restoration.bench.throughput.restore import limit_batches, run_limit
+    from restoration.bench.throughput.work import make_work
     from restoration.inference import RestoreActor
 
-    noisy, _, origin = throughput.make_work(config)
+    noisy, _, origin = make_work(config)
     actor = RestoreActor(config.model, precision="auto").runner(1)
-    batches = throughput.limit_batches(actor, noisy, config.batch_size)
-    throughput.run_limit(actor, batches[:1], batches[0][0])  # warm-up
-    limit = throughput.run_limit(actor, batches, config.count)
+    batches = limit_batches(actor, noisy, config.batch_size)
+    run_limit(actor, batches[:1], batches[0].images)  # warm-up
+    limit = jsonable(run_limit(actor, batches, config.count))  # its fields and rates
     return {"source": origin, "model": config.model, "bf16": actor.bf16, "device": str(actor.device),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "raw": limit}  # fmt: skip
 
 
-def bench_summary(result: dict) -> dict:
-    """The figures worth a line in the README, from the benchmark's result."""
-    restore = result["restore"]
-    limit, again, ours = restore["limit"], restore["limit_again"], restore["ours"]
-    resources = ours["resources"]
+def bench_summary(result) -> dict:
+    """The figures worth a line in the README, from the benchmark's `ThroughputResult`."""
+    restore = result.restore
+    limit, again, ours = restore.limit, restore.limit_again, restore.ours
     return {
-        "gpu": result["environment"]["cuda"],
-        "model": restore["model"],
-        "images": restore["images"],
-        "megapixels": restore["megapixels"],
-        "batch_size": restore["batch_size"],
-        "actors": restore["actors"],
-        "bf16": limit["bf16"],
-        "raw_images_per_s": limit["images_per_s"],
-        "raw_mp_per_s": limit["mp_per_s"],
-        "raw_again_mp_per_s": again["mp_per_s"],
-        "pipeline_steady_images_per_s": ours["steady_rows_per_s"],
-        "pipeline_steady_mp_per_s": ours["steady_mp_per_s"],
-        "pipeline_steady_valid": ours["steady_valid"],
-        "pipeline_end_to_end_mp_per_s": ours["end_to_end_mp_per_s"],
-        "pipeline_over_raw": restore["ratios"]["ours_steady_over_limit_mean"],
-        "gpu_util_mean": resources.get("gpu_util_mean"),
-        "gpu_util_max": resources.get("gpu_util_max"),
-        "naive_mp_per_s": restore["naive"]["mp_per_s"],
-        "errors": ours["errors"],
-        "every_key_once": ours["every_key_once"],
+        "gpu": result.environment.cuda,
+        "model": result.config.model,
+        "images": restore.images,
+        "megapixels": restore.megapixels,
+        "batch_size": result.config.batch_size,
+        "actors": restore.pool.actors,
+        "bf16": restore.runner.bf16,
+        "raw_images_per_s": limit.images_per_s,
+        "raw_mp_per_s": limit.mp_per_s,
+        "raw_again_mp_per_s": again.mp_per_s,
+        "pipeline_steady_images_per_s": ours.steady.rows_per_s,
+        "pipeline_steady_mp_per_s": ours.steady.work_per_s,
+        "pipeline_steady_valid": restore.steady_valid,
+        "pipeline_end_to_end_mp_per_s": restore.end_to_end_mp_per_s,
+        "pipeline_over_raw": restore.ratios["ours_steady_over_limit_mean"],
+        "gpu_util_mean": ours.resources.gpu_util_mean,
+        "gpu_util_max": ours.resources.gpu_util_max,
+        "naive_mp_per_s": restore.naive.mp_per_s,
+        "errors": ours.errors,
+        "every_key_once": ours.every_key_once,
     }
 
 
