@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from restoration import storage
-from restoration.cluster import threads_for  # noqa: F401 - old import path of bench/throughput.py; remove with it
 from restoration.errors import UserError
 from restoration.train import dcgan, restorer, vae
 

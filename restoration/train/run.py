@@ -1,5 +1,5 @@
 """The old import path of the training entry point, `restoration.train.launch`: kept only until
-restoration/bench/throughput.py and tests/test_reliability.py import `restoration.train`; delete it then."""
+tests/test_reliability.py imports `restoration.train`; delete it then."""
 
 from __future__ import annotations
 
