@@ -428,10 +428,9 @@ def test_store_outage_past_the_retries_stops_with_one_line_and_resume_finishes(
 # ----------------------------------------------------------------------------------------------------- 3. training
 @pytest.mark.slow
 def test_training_worker_killed_mid_epoch_resumes_from_checkpoint(s3, ray_cluster, train400, tmp_path):
-    from restoration.train.launcher import LaunchConfig
+    from restoration.train import LaunchConfig, launch, resolve_config
     from restoration.train.restorer import RestorerTrainConfig, decode_rows, init_weights, train_epoch
     from restoration.train.restorer_core import NoiseSpec, evaluate_psnr
-    from restoration.train.run import resolve_config, run_training
 
     files = sorted(p for p in Path(train400).iterdir() if p.suffix == ".png")[:40]
     folder = tmp_path / "train"
@@ -455,9 +454,9 @@ def test_training_worker_killed_mid_epoch_resumes_from_checkpoint(s3, ray_cluste
     snapshot = storage.join(runs, "killed", "checkpoint_manager_snapshot.json")
 
     t0 = time.monotonic()
-    launch = LaunchConfig(storage=runs, name="killed", max_failures=2, num_to_keep=None)
+    where = LaunchConfig(storage=runs, name="killed", max_failures=2, num_to_keep=None)
     before = alive_actor_ids()
-    run = Background(lambda: run_training("restorer", shards, launch, resolve_config("restorer", None, tiny)))
+    run = Background(lambda: launch("restorer", resolve_config("restorer", None, tiny), where, shards))
     # Kill the worker once Ray Train has registered a checkpoint: it is then in the next epoch.
     deadline, registered, worker = time.monotonic() + 600, 0, None
     while run.is_alive() and time.monotonic() < deadline:
