@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from restoration import storage
+from restoration.errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_ENV = "RESTORATION_FASHION_MNIST"  # overrides FASHION_MNIST_DIR
@@ -146,10 +147,18 @@ def list_folder(src: str) -> list[FileItem]:
 
 def datasets_dir(folder: str | os.PathLike | None = None) -> Path:
     """The folder holding Train400, Set12, LIVE1, Set5 and Set14: `folder`, else $RESTORATION_DATASETS, else
-    `../shared/datasets` beside the checkout. The result may not exist; callers that have a fallback check."""
-    if folder is not None:
-        return Path(folder)
-    return Path(os.environ.get(DATASETS_ENV) or DEFAULT_DATASETS)
+    `../shared/datasets` beside the checkout.
+
+    Raises:
+        UserError: a folder given (argument or variable) does not exist. The default may be missing (an installed
+            package has none); callers then fall back to the sample photos.
+    """
+    chosen = folder if folder is not None else os.environ.get(DATASETS_ENV)
+    if not chosen:
+        return DEFAULT_DATASETS
+    if not Path(chosen).is_dir():
+        raise UserError(f"datasets folder {os.fspath(chosen)!r} (--datasets or ${DATASETS_ENV}) is not a directory")
+    return Path(chosen)
 
 
 def luma(pixels: np.ndarray) -> np.ndarray:

@@ -200,3 +200,17 @@ def test_bad_cli_values_and_unknown_models_raise_value_error(tmp_path):
         quality.benchmark(config)
     with pytest.raises(ValueError, match="does not exist"):
         quality.benchmark(quality.QualityConfig(images=str(tmp_path / "missing"), models=()))
+
+
+def test_a_datasets_folder_that_was_asked_for_must_exist(tmp_path, monkeypatch):
+    from restoration import sources
+    from restoration.errors import UserError
+
+    monkeypatch.delenv(sources.DATASETS_ENV, raising=False)
+    assert sources.datasets_dir() == sources.DEFAULT_DATASETS  # the default may be missing: callers fall back
+    assert sources.datasets_dir(tmp_path) == tmp_path
+    with pytest.raises(UserError, match="missing"):
+        sources.datasets_dir(tmp_path / "missing")
+    monkeypatch.setenv(sources.DATASETS_ENV, str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="RESTORATION_DATASETS"):
+        sources.datasets_dir()
