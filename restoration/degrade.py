@@ -1,7 +1,8 @@
 """Seeded image degradations as pure functions, and the spec strings that chain them.
 
 Every function takes a float32 image of shape (H, W, C), C in {1, 3}, values in [0, 1], and returns a new float32
-array of the same shape. Random functions take an explicit ``rng: np.random.Generator``; nothing reads global state,
+array of the same shape, except `bicubic_down` (spec step `lr:F`), which makes the low-resolution input of
+super-resolution: (H // F, W // F, C) after cropping to a multiple of F (`modcrop`). Random functions take an explicit ``rng: np.random.Generator``; nothing reads global state,
 so ``(image, spec, seed)`` always gives the same degraded image on any worker.
 
 The set of operators follows the classical degradation model used by BasicSR's ``degradations.py`` and
@@ -214,6 +215,49 @@ def downscale(image: np.ndarray, factor: float) -> np.ndarray:
     return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
 
 
+def modcrop(image: np.ndarray, factor: int) -> np.ndarray:
+    """Crop the bottom/right of `image` to a multiple of `factor` in both sides ("modcrop" of the SR literature).
+
+    Args:
+        image: array (H, W, ...) with H, W >= factor.
+        factor: integer >= 1.
+    Returns:
+        A view of shape (H - H % factor, W - W % factor, ...).
+    """
+    if int(factor) != factor or factor < 1:
+        raise ValueError(f"factor={factor!r}: expected an integer >= 1")
+    factor = int(factor)
+    h, w = image.shape[:2]
+    if h < factor or w < factor:
+        raise ValueError(f"image of {h}x{w} pixels is smaller than the scale factor {factor}")
+    return image[: h - h % factor, : w - w % factor]
+
+
+def bicubic_down(image: np.ndarray, factor: int) -> np.ndarray:
+    """Super-resolution input: modcrop, then antialiased bicubic downscale by an integer `factor` (spec `lr:F`).
+
+    Pillow's bicubic (a = -0.5) widens its kernel by `factor` when shrinking, as MATLAB's imresize does, and runs per
+    channel in mode "F" (32-bit float), so there is no 8-bit quantisation and no clipping (the overshoot of the
+    bicubic kernel is kept, as in MATLAB before its uint8 cast).
+
+    Args:
+        image: float (H, W, C), H and W >= factor.
+        factor: integer >= 1 (1 returns a copy).
+    Returns:
+        float32 (H // factor, W // factor, C).
+    """
+    image = modcrop(_check_image(image), factor)
+    factor = int(factor)
+    h, w = image.shape[0] // factor, image.shape[1] // factor
+    if factor == 1:
+        return image.copy()
+    channels = []
+    for c in range(image.shape[2]):
+        pil = Image.fromarray(np.ascontiguousarray(image[..., c]))  # mode "F"
+        channels.append(np.asarray(pil.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=None), dtype=np.float32))
+    return np.stack(channels, axis=-1)
+
+
 def missing_pixels(image: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Set exactly round(fraction * H * W) randomly chosen pixels to 0 in all channels.
 
@@ -309,6 +353,7 @@ _RULES: dict[str, _Rule] = {
     ),
     "jpeg": _Rule("jpeg:QUALITY", ((lambda v: _is_int(v) and 1 <= v <= 100, "an integer in 1..100"),), 1),
     "down": _Rule("down:FACTOR", ((lambda v: v > 1, "a number > 1"),), 1),
+    "lr": _Rule("lr:FACTOR", ((lambda v: _is_int(v) and 2 <= v <= 8, "an integer in 2..8"),), 1),
     "missing": _Rule("missing:FRACTION", ((lambda v: 0 <= v < 1, "a number in [0, 1)"),), 1),
     "scratch": _Rule("scratch:COUNT", ((lambda v: _is_int(v) and v >= 0, "an integer >= 0"),), 1),
 }
@@ -320,6 +365,7 @@ _APPLY: dict[str, Callable[[np.ndarray, tuple[float, ...], np.random.Generator],
     "motion": lambda im, a, rng: motion_blur(im, int(a[0]), a[1] if len(a) > 1 else 0.0),
     "jpeg": lambda im, a, rng: jpeg(im, int(a[0])),
     "down": lambda im, a, rng: downscale(im, a[0]),
+    "lr": lambda im, a, rng: bicubic_down(im, int(a[0])),
     "missing": lambda im, a, rng: missing_pixels(im, a[0], rng),
     "scratch": lambda im, a, rng: scratches(im, int(a[0]), rng),
 }
@@ -332,9 +378,12 @@ Degradation spec: comma-separated steps applied left to right, each NAME:ARG[:AR
   motion:LEN[:ANGLE]   linear motion blur, LEN pixels at ANGLE degrees (default 0)       (motion:9:45)
   jpeg:QUALITY         JPEG round trip, QUALITY 1..100, 4:2:0 chroma for colour          (jpeg:10)
   down:FACTOR          bicubic down by FACTOR > 1 and back up to the same size           (down:2)
+  lr:FACTOR            super-resolution input: crop to a multiple of FACTOR (2..8), then
+                       bicubic down by FACTOR; the image shrinks, later steps act on it  (lr:4)
   missing:FRACTION     set a FRACTION in [0, 1) of pixels to 0                           (missing:0.3)
   scratch:COUNT        COUNT random 1-3 px scratches, white or black                     (scratch:5)
-Example: blur:2,noise:10 blurs, then adds noise. "" or "none" means no degradation."""
+Example: blur:2,noise:10 blurs, then adds noise; lr:2,noise:5 halves the size, then adds noise.
+"" or "none" means no degradation."""
 
 
 def _check_step(name: str, values: list[float], texts: list[str], spec: str) -> Step:
@@ -395,6 +444,18 @@ def format_spec(steps: tuple[Step, ...]) -> str:
     return ",".join(str(s) for s in steps) or "none"
 
 
+def lr_factor(steps: str | tuple[Step, ...]) -> int:
+    """The factor by which `steps` shrink an image: the product of their `lr` factors, 1 when there are none.
+
+    Args:
+        steps: a spec string or steps from parse_spec.
+    Returns:
+        An integer >= 1; an upscaler of this scale restores the size (after `modcrop` of the original).
+    """
+    steps = parse_spec(steps) if isinstance(steps, str) else steps
+    return math.prod(int(s.args[0]) for s in steps if s.name == "lr")
+
+
 def apply(image: np.ndarray, spec: str | tuple[Step, ...], rng: np.random.Generator) -> np.ndarray:
     """Apply the degradations of `spec` in order.
 
@@ -403,7 +464,8 @@ def apply(image: np.ndarray, spec: str | tuple[Step, ...], rng: np.random.Genera
         spec: a spec string (see SPEC_HELP) or steps from parse_spec.
         rng: shared by all random steps, in order; use rng_for(run_seed, key) for per-image reproducibility.
     Returns:
-        float32 (H, W, C); only noise steps leave values outside [0, 1].
+        float32 (H, W, C), or (H // F, W // F, C) after the modcrop of `lr:F` steps (see lr_factor); only noise and
+        lr steps leave values outside [0, 1].
     """
     image = _check_image(image)
     if isinstance(spec, str):

@@ -115,6 +115,69 @@ _CROP_BOX = (255, 0, 0)  # outline of the zoomed region on the full image
 _LABEL_PX = 14  # font size of the header labels
 
 
+# ITU-R BT.601 luma of the super-resolution protocol (MATLAB's rgb2ycbcr): Y = 16 + 65.481 R + 128.553 G + 24.966 B
+# for R, G, B in [0, 1], on the 0-255 scale; divided by 255 here so that Y stays a [0, 1]-domain value (16/255..235/255).
+_Y_601 = np.array([65.481, 128.553, 24.966]) / 255.0
+
+
+def rgb_to_y(image: np.ndarray) -> np.ndarray:
+    """The Y channel of the super-resolution protocol, (16 + 65.481 R + 128.553 G + 24.966 B) / 255.
+
+    Args:
+        image: (H, W, 3) RGB floats in [0, 1]; a (H, W, 1) or (H, W) gray image is its own Y.
+    Returns:
+        float64 (H, W) Y in the [0, 1] domain.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim == 2:
+        return image
+    if image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"image shape {image.shape}: expected (H, W), (H, W, 1) or (H, W, 3)")
+    if image.shape[2] == 1:
+        return image[..., 0]
+    return 16.0 / 255.0 + image @ _Y_601
+
+
+def _y_pair(restored: np.ndarray, reference: np.ndarray, border: int) -> tuple[np.ndarray, np.ndarray]:
+    """Y of both images with `border` pixels cropped at every side (the SR protocol crops `scale` pixels)."""
+    a, b = _pair(restored, reference)
+    if int(border) != border or border < 0:
+        raise ValueError(f"border={border!r}: expected an integer >= 0")
+    border = int(border)
+    if min(a.shape[:2]) <= 2 * border:
+        raise ValueError(f"image of {a.shape[0]}x{a.shape[1]} pixels leaves nothing inside a {border}-pixel border")
+    crop = (slice(border, a.shape[0] - border), slice(border, a.shape[1] - border))
+    return rgb_to_y(a)[crop], rgb_to_y(b)[crop]
+
+
+def psnr_y(restored: np.ndarray, reference: np.ndarray, border: int) -> float:
+    """PSNR on the Y channel (see `rgb_to_y`), `border` pixels cropped at every side, data range 1.
+
+    Args:
+        restored: (H, W, C) or (H, W) image in [0, 1] (clip a model's output first, as the 8-bit protocol does).
+        reference: the original of the same shape.
+        border: pixels left out at every side (the scale factor in the super-resolution protocol).
+    Returns:
+        PSNR in dB.
+    """
+    a, b = _y_pair(restored, reference, border)
+    return psnr(a, b)
+
+
+def ssim_y(restored: np.ndarray, reference: np.ndarray, border: int) -> float:
+    """SSIM (see `ssim`) on the Y channel, `border` pixels cropped at every side, data range 1.
+
+    Args:
+        restored: (H, W, C) or (H, W) image in [0, 1].
+        reference: the original of the same shape.
+        border: pixels left out at every side.
+    Returns:
+        SSIM in [-1, 1].
+    """
+    a, b = _y_pair(restored, reference, border)
+    return ssim(a, b)
+
+
 def _to_rgb_u8(image: np.ndarray, where: str) -> np.ndarray:
     """(H, W), (H, W, 1) or (H, W, 3), float in [0, 1] or uint8 -> (H, W, 3) uint8."""
     a = np.asarray(image)

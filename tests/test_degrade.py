@@ -326,7 +326,71 @@ def test_apply_validates_steps(astronaut: np.ndarray) -> None:
 
 
 def test_spec_help_lists_every_degradation() -> None:
-    for name in ("noise", "poisson", "blur", "motion", "jpeg", "down", "missing", "scratch"):
+    for name in ("noise", "poisson", "blur", "motion", "jpeg", "down", "lr", "missing", "scratch"):
         assert f"{name}:" in degrade.SPEC_HELP
         example = next(w for w in degrade.SPEC_HELP.split() if w.startswith(f"({name}:")).strip("()")
         assert [step.name for step in degrade.parse_spec(example)] == [name], example
+
+
+# --------------------------------------------------------------------------------------------- super-resolution input
+def test_modcrop_crops_bottom_right_to_a_multiple() -> None:
+    image = np.arange(7 * 11, dtype=np.float32).reshape(7, 11, 1)
+    np.testing.assert_array_equal(degrade.modcrop(image, 3), image[:6, :9])
+    np.testing.assert_array_equal(degrade.modcrop(image, 1), image)
+    assert degrade.modcrop(image, 7).shape == (7, 7, 1)
+    with pytest.raises(ValueError, match="factor=0: expected an integer >= 1"):
+        degrade.modcrop(image, 0)
+    with pytest.raises(ValueError, match="smaller than the scale factor 8"):
+        degrade.modcrop(image, 8)
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_lr_step_is_pillow_float_bicubic_of_the_modcropped_image(factor: int, astronaut: np.ndarray) -> None:
+    from PIL import Image
+
+    image = astronaut[:101, :130]
+    out = degrade.apply(image, f"lr:{factor}", np.random.default_rng(0))
+    assert out.shape == (101 // factor, 130 // factor, 3) and out.dtype == np.float32
+    cropped = image[: 101 - 101 % factor, : 130 - 130 % factor]
+    size = (130 // factor, 101 // factor)
+    for c in range(3):
+        pil = Image.fromarray(np.ascontiguousarray(cropped[..., c]))
+        expected = np.asarray(pil.resize(size, Image.Resampling.BICUBIC, reducing_gap=None))
+        np.testing.assert_array_equal(out[..., c], expected)
+    # Not quantised to 8 bits; the antialiasing keeps a flat image flat and averages an alternating pattern away.
+    assert not np.allclose(out * 255, np.round(out * 255), atol=1e-3)
+    flat = np.full((12, 12, 1), 0.3, np.float32)
+    np.testing.assert_allclose(degrade.bicubic_down(flat, factor), 0.3, atol=1e-6)
+    stripes = np.tile(np.array([0.0, 1.0], np.float32), 24 * 12).reshape(24, 24, 1)
+    assert np.ptp(degrade.bicubic_down(stripes, 2)[2:-2, 2:-2]) < 0.05
+
+
+def test_lr_commutes_with_dihedral_transforms(camera: np.ndarray) -> None:
+    """The upscaler's training flips and rotates aligned (LR, HR) pairs: that needs down(T(x)) == T(down(x))."""
+    image = camera[:96, :120]
+    small = degrade.bicubic_down(image, 3)
+    np.testing.assert_allclose(degrade.bicubic_down(image[::-1], 3), small[::-1], atol=1e-6)
+    np.testing.assert_allclose(degrade.bicubic_down(image[:, ::-1], 3), small[:, ::-1], atol=1e-6)
+    np.testing.assert_allclose(
+        degrade.bicubic_down(np.ascontiguousarray(image.transpose(1, 0, 2)), 3), small.transpose(1, 0, 2), atol=1e-6
+    )
+
+
+def test_steps_after_lr_act_on_the_small_image_and_lr_factor(astronaut: np.ndarray) -> None:
+    image = astronaut[:64, :64]
+    out = degrade.apply(image, "lr:2,noise:5", np.random.default_rng(3))
+    expected = degrade.gaussian_noise(degrade.bicubic_down(image, 2), 5, np.random.default_rng(3))
+    np.testing.assert_array_equal(out, expected)
+    assert degrade.apply(image, "lr:2,lr:2", np.random.default_rng(0)).shape == (16, 16, 3)
+    assert degrade.lr_factor("noise:5") == 1 and degrade.lr_factor(()) == 1
+    assert degrade.lr_factor("lr:3,noise:5") == 3
+    assert degrade.lr_factor(degrade.parse_spec("lr:2,blur:1,lr:4")) == 8
+    assert degrade.format_spec(degrade.parse_spec("lr:4")) == "lr:4"
+
+
+@pytest.mark.parametrize("spec", ["lr:1", "lr:9", "lr:2.5", "lr:x", "lr"])
+def test_lr_rejects_bad_factors(spec: str) -> None:
+    from restoration.errors import UserError
+
+    with pytest.raises(UserError, match="lr"):
+        degrade.parse_spec(spec)

@@ -9,6 +9,7 @@ import pytest
 import skimage.data
 from skimage.metrics import structural_similarity
 
+from restoration import metrics
 from restoration.metrics import contact_sheet, psnr, ssim
 
 GAP = 4  # the sheet's spacing, in px
@@ -142,3 +143,35 @@ def test_contact_sheet_rejects_bad_input(camera: np.ndarray) -> None:
         contact_sheet([[np.zeros((8, 8, 4))]])
     with pytest.raises(ValueError, match="crop=0"):
         contact_sheet([[camera]], crop=0)
+
+
+# ----------------------------------------------------------------------------------- super-resolution Y protocol
+def test_rgb_to_y_is_the_matlab_601_luma() -> None:
+    rgb = np.array([[[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.2, 0.5, 0.9]]])
+    y = metrics.rgb_to_y(rgb)
+    expected = (16 + 65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255
+    np.testing.assert_allclose(y, expected, rtol=1e-12)
+    assert y.shape == (1, 4) and y[0, 0] == pytest.approx(16 / 255) and y[0, 1] == pytest.approx(235 / 255)
+    gray = np.random.default_rng(0).random((5, 6, 1))
+    np.testing.assert_array_equal(metrics.rgb_to_y(gray), gray[..., 0])
+    with pytest.raises(ValueError, match="expected"):
+        metrics.rgb_to_y(np.zeros((4, 4, 2)))
+
+
+def test_psnr_y_and_ssim_y_crop_the_border() -> None:
+    rng = np.random.default_rng(1)
+    reference = rng.random((40, 50, 3))
+    restored = reference.copy()
+    restored[:3] = 0.0  # damage only inside a 3-pixel border
+    restored[:, -3:] = 1.0
+    assert metrics.psnr_y(restored, reference, border=3) == math.inf
+    assert metrics.ssim_y(restored, reference, border=3) == pytest.approx(1.0)
+    assert metrics.psnr_y(restored, reference, border=2) < 40
+    noisy = np.clip(reference + rng.normal(0, 0.05, reference.shape), 0, 1)
+    y_a, y_b = metrics.rgb_to_y(noisy)[4:-4, 4:-4], metrics.rgb_to_y(reference)[4:-4, 4:-4]
+    assert metrics.psnr_y(noisy, reference, 4) == pytest.approx(metrics.psnr(y_a, y_b))
+    assert metrics.ssim_y(noisy, reference, 4) == pytest.approx(metrics.ssim(y_a, y_b))
+    with pytest.raises(ValueError, match="border=-1"):
+        metrics.psnr_y(noisy, reference, -1)
+    with pytest.raises(ValueError, match="nothing inside"):
+        metrics.psnr_y(noisy, reference, 20)
