@@ -7,6 +7,7 @@ family is one line here; nothing is discovered by file name.
 from restoration.models.classifier import Classifier, ClassifierConfig
 from restoration.models.dcgan import DCGAN, DCGANConfig
 from restoration.models.restorer import Restorer, RestorerConfig
+from restoration.models.upscaler import Upscaler, UpscalerConfig
 from restoration.models.vae import VAE, VAEConfig
 
 MODELS: dict[str, tuple[type, type]] = {
@@ -14,6 +15,7 @@ MODELS: dict[str, tuple[type, type]] = {
     "dcgan": (DCGANConfig, DCGAN),
     "vae": (VAEConfig, VAE),
     "classifier": (ClassifierConfig, Classifier),
+    "upscaler": (UpscalerConfig, Upscaler),
 }
 
 __all__ = ["MODELS", "Restorer", "RestorerConfig"]

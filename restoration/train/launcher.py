@@ -25,13 +25,14 @@ from typing import Any
 
 from restoration import storage
 from restoration.errors import UserError
-from restoration.train import dcgan, restorer, vae
+from restoration.train import dcgan, restorer, upscaler, vae
 
 # kind -> (train config class, presets, train_loop_per_worker). Explicit: adding a family is one line.
 TRAINERS: dict[str, tuple[type, dict[str, dict], Callable[[dict], None]]] = {
     "restorer": (restorer.RestorerTrainConfig, restorer.PRESETS, restorer.train_loop_per_worker),
     "dcgan": (dcgan.DCGANTrainConfig, dcgan.PRESETS, dcgan.train_loop_per_worker),
     "vae": (vae.VAETrainConfig, vae.PRESETS, vae.train_loop_per_worker),
+    "upscaler": (upscaler.UpscalerTrainConfig, upscaler.PRESETS, upscaler.train_loop_per_worker),
 }
 READ_CPUS = 0.5  # CPUs per read task: the workers may hold all but half a core (cluster.train_resources checks)
 
