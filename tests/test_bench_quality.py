@@ -23,6 +23,10 @@ def _gray(name: str) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)[..., None] / 255.0  # (H, W, 1)
 
 
+def _rgb(name: str) -> np.ndarray:
+    return np.asarray(getattr(skdata, name)(), dtype=np.float32) / 255.0  # (H, W, 3)
+
+
 def _rows(result: quality.QualityResult) -> dict[tuple[str, str], dict]:
     return {(r["method"], r["degradation"]): r for r in result.rows}
 
@@ -214,3 +218,57 @@ def test_a_datasets_folder_that_was_asked_for_must_exist(tmp_path, monkeypatch):
     monkeypatch.setenv(sources.DATASETS_ENV, str(tmp_path / "missing"))
     with pytest.raises(UserError, match="RESTORATION_DATASETS"):
         sources.datasets_dir()
+
+
+def test_upscale_benchmark_protocol_rows_and_files(tmp_path):
+    """`--task upscale` on one scale, two images of each set and an untrained tiny model: rows, protocol, files."""
+    from restoration.bench.quality import upscale
+    from restoration.checkpoint import save_model
+    from restoration.models.upscaler import Upscaler, UpscalerConfig
+
+    torch.manual_seed(0)
+    model_file = tmp_path / "tiny-x3.pt"
+    config = UpscalerConfig(scale=3, channels=1, width=8, depth=3)
+    save_model(model_file, "upscaler", config, Upscaler(config))
+    photos = {"colour": [("astronaut", _rgb("astronaut")[:100, :131])], "gray": [("camera", _gray("camera")[:90, :97])]}
+    result = upscale.benchmark(
+        upscale.UpscaleConfig(scales=(3,), models=(str(model_file),), images=photos, threads=1, sheet_images=1)
+    )
+    rows = {(r["method"], r["set"]): r for r in result["rows"]}
+    assert set(rows) == {(m, s) for m in ("nearest", "bicubic", "lanczos", "tiny-x3") for s in ("colour", "gray")}
+    assert all(r["scale"] == 3 and r["images"] == 1 and r["seconds_per_mp"] >= 0 for r in result["rows"])
+    assert rows[("bicubic", "colour")]["psnr"] > rows[("nearest", "colour")]["psnr"]
+    # The protocol, recomputed outside the benchmark: modcrop, lr:3, Pillow bicubic up, Y PSNR with a 3-pixel border.
+    original = photos["colour"][0][1]
+    hr = degrade.modcrop(original, 3)
+    lr = degrade.apply(original, "lr:3", np.random.default_rng(0))
+    assert lr.shape == (33, 43, 3) and hr.shape == (99, 129, 3)
+    expected = metrics.psnr_y(np.clip(upscale.pillow_up(lr, 3, "bicubic"), 0, 1), hr, border=3)
+    assert rows[("bicubic", "colour")]["psnr"] == pytest.approx(expected, abs=1e-9)
+    # A gray model runs on Y of colour images: Y in, Y out, the colour round trip exact.
+    ycbcr = upscale.rgb_to_ycbcr(hr)
+    np.testing.assert_allclose(ycbcr[..., 0], metrics.rgb_to_y(hr), atol=1e-6)
+    np.testing.assert_allclose(upscale.ycbcr_to_rgb(ycbcr), hr, atol=1e-5)
+
+    paths = upscale.write_report(result, tmp_path / "out")
+    markdown = paths["markdown"].read_text()
+    assert "| method | colour x3 | gray x3 | s/MP |" in markdown and "SRCNN (published)" not in markdown
+    assert json.loads(paths["json"].read_text())["rows"][0]["method"] == "nearest"
+    with Image.open(paths["sheet"]) as sheet:
+        assert sheet.mode == "RGB" and sheet.width > 4 * 99
+    table = upscale.format_table(result).splitlines()
+    assert table[0].split() == ["method", "colour", "x3", "gray", "x3", "s/MP"] and len(table) == 2 + 4
+
+
+def test_upscale_options_reject_bad_values():
+    from restoration.bench.quality import upscale
+    from restoration.errors import UserError
+
+    with pytest.raises(UserError, match="scale 5: expected one of 2, 3, 4"):
+        upscale.UpscaleConfig(scales=(5,))
+    parser = argparse.ArgumentParser()
+    quality.add_arguments(parser)
+    args = parser.parse_args(["--task", "upscale", "--scales", "2,x"])
+    with pytest.raises(UserError, match="--scales value 'x'"):
+        quality.cli.upscale_config_from_args(args)
+    assert parser.parse_args([]).task == "denoise"

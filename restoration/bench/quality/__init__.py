@@ -6,6 +6,9 @@ included). The protocol is the DnCNN/KAIR one (see DESIGN.md): clean image in [0
 float with a seed fixed per (image, sigma), not clipped before the method; every output is clipped to [0, 1]; PSNR over
 the whole image (all channels) with data range 1; SSIM from `restoration.metrics`.
 
+`--task upscale` measures the bundled upscalers against nearest, bicubic and Lanczos on Set5/Set14 with the
+super-resolution protocol instead (`upscale.py`: its own run, table and contact sheet).
+
 The methods and their papers are in `methods.py`, the images in `images.py`, the run in `measure.py`, the tables and
 the contact sheet in `report.py`, the options in `cli.py`.
 """

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from restoration.bench.quality import upscale
 from restoration.bench.quality.config import QualityConfig
 from restoration.bench.quality.measure import benchmark
 from restoration.bench.quality.report import format_table, write_report
+from restoration.bench.quality.upscale import UpscaleConfig
 from restoration.bench.summary import print_summary
 from restoration.errors import UserError
 
@@ -18,13 +20,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: the (sub)parser to add them to.
     """
+    parser.add_argument(
+        "--task",
+        choices=("denoise", "upscale"),
+        default="denoise",
+        help="denoise (default): restorers vs BM3D on Set12; upscale: upscalers vs bicubic on Set5/Set14",
+    )
+    parser.add_argument("--scales", default="2,3,4", help="upscale task: scale factors (default 2,3,4)")
     parser.add_argument("--color", action="store_true", help="colour mode: the 7 colour sample photos, CBM3D")
     parser.add_argument("--images", default=None, help="folder of images (default: Set12, or the colour photos)")
     parser.add_argument(
         "--datasets", default=None, help="folder of Set12 (default: $RESTORATION_DATASETS or ../shared/datasets)"
     )
     parser.add_argument("--sigmas", default="15,25,50", help="noise levels on the 0-255 scale (default 15,25,50)")
-    parser.add_argument("--models", default=None, help="restorers, comma-separated (default: the bundled ones)")
+    parser.add_argument(
+        "--models", default=None, help="models, comma-separated (default: the bundled restorers, or upscalers)"
+    )
     parser.add_argument("--methods", default=None, help="classical methods subset, comma-separated (default: all)")
     parser.add_argument("--limit", type=int, default=None, help="use the first N images")
     parser.add_argument("--crop", type=int, default=None, help="central crop side in px (fast checks)")
@@ -70,8 +81,37 @@ def config_from_args(args: argparse.Namespace) -> QualityConfig:
     )
 
 
+def upscale_config_from_args(args: argparse.Namespace) -> UpscaleConfig:
+    """The `--task upscale` config from parsed `add_arguments` options; a `UserError` names a bad value."""
+    scales = []
+    for part in _split(args.scales) or ():
+        try:
+            scales.append(int(part))
+        except ValueError:
+            raise UserError(f"--scales value {part!r}: expected integers among 2, 3, 4, e.g. 2,3,4") from None
+    return UpscaleConfig(
+        scales=tuple(scales),
+        datasets=args.datasets,
+        models=_split(args.models),
+        limit=args.limit,
+        threads=args.threads,
+        out_dir=args.out,
+    )
+
+
+def run_upscale(args: argparse.Namespace) -> int:
+    """`restoration bench quality --task upscale`: run, print the table, write the report files."""
+    config = upscale_config_from_args(args)
+    result = upscale.benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    paths = upscale.write_report(result, config.out_dir)
+    table = "\n".join([f"images: {result['description']}; threads: {result['threads']}", upscale.format_table(result)])
+    return print_summary(table, [], paths.values(), result["wall_seconds"])
+
+
 def run(args: argparse.Namespace) -> int:
     """`restoration bench quality`: run, print the table and notes, write the report files; exit status 0."""
+    if getattr(args, "task", "denoise") == "upscale":
+        return run_upscale(args)
     config = config_from_args(args)
     result = benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     paths = write_report(result, config.out_dir)
