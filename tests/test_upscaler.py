@@ -120,3 +120,24 @@ def test_training_with_zero_learning_rate_does_not_beat_bicubic(train400) -> Non
     """The check above can fail: without updates the model stays the bilinear upsampling, below bicubic."""
     result = _fit(train400, lr=0.0)
     assert result["psnr"] < result["psnr_bicubic"]
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_bundled_upscalers_beat_bicubic(scale: int) -> None:
+    """The bundled gray models, on a photo none of them trained on (the training data is Train400)."""
+    import skimage.data
+
+    from restoration import metrics
+    from restoration.checkpoint import load_named
+
+    loaded = load_named(f"upscale-gray-x{scale}", expected_kind="upscaler")
+    model = loaded.module.eval()
+    assert model.scale == scale and loaded.config.channels == 1
+    torch.set_num_threads(2)
+    original = skimage.data.camera()[64:256, 128:320].astype(np.float32)[..., None] / 255.0  # (192, 192, 1)
+    low = degrade.apply(original, f"lr:{scale}", np.random.default_rng(0))
+    with torch.inference_mode():
+        out = model(torch.from_numpy(low.transpose(2, 0, 1).copy())[None])[0].numpy().transpose(1, 2, 0)
+    bicubic = train_upscaler.bicubic_up(low, scale)
+    gain = metrics.psnr_y(np.clip(out, 0, 1), original, scale) - metrics.psnr_y(np.clip(bicubic, 0, 1), original, scale)
+    assert gain > 0.5, gain
