@@ -169,8 +169,17 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="denoise",
-        help="denoise or restore (the gray or colour variant per image, from its mode), or a bundled model name "
-        "(denoise-gray, denoise-color, restore-gray, restore-color), model file path or s3:// URI; default denoise",
+        help="denoise or restore (the gray or colour variant per image, from its mode), upscale (super-resolution by "
+        "--scale; colour images on their luma), or a bundled model name (denoise-gray, denoise-color, restore-gray, "
+        "restore-color, upscale-gray-x2/x3/x4), model file path or s3:// URI; default denoise",
+    )
+    p.add_argument(
+        "--scale",
+        type=int,
+        choices=[2, 3, 4],
+        default=None,
+        help="--model upscale: output this many times larger (default 2); for evaluation, --degrade lr:SCALE makes "
+        "the low-resolution input from each image and keeps the image as the reference",
     )
     p.add_argument("--degrade", default=None, metavar="SPEC", help="degrade inputs first (evaluation); grammar above")
     p.add_argument("--seed", type=int, default=0, help="run seed for --degrade (per image: seed + key)")

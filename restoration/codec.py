@@ -527,6 +527,24 @@ def _chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
+def resize_bicubic(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize (H, W) or (H, W, C) samples with Pillow's bicubic filter (antialiased when shrinking) in float, with no
+    8-bit rounding on the way. Returns float32 of shape (height, width[, C]) on the input's scale."""
+    planes = pixels[..., None] if pixels.ndim == 2 else pixels
+    out = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(planes[..., i], np.float32), mode="F").resize(
+                    (width, height), Image.Resampling.BICUBIC
+                )
+            )
+            for i in range(planes.shape[-1])
+        ],
+        axis=-1,
+    )
+    return out[..., 0] if pixels.ndim == 2 else out
+
+
 def from_raw(buf: bytes, h: int, w: int, c: int) -> np.ndarray:
     """Raw pixel bytes (as the pipelines' stages pass them) as an (H, W, C) view: uint8, uint16 or float32, as the
     length says."""

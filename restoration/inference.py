@@ -36,20 +36,53 @@ from restoration.models.dcgan import sample_latent
 from restoration.tiling import tiled_apply
 
 # `--model FAMILY` resolves per image: the gray variant for 1-channel images, the colour variant for 3-channel ones.
-MODEL_FAMILIES = {"denoise": ("denoise-gray", "denoise-color"), "restore": ("restore-gray", "restore-color")}
+# The upscalers are gray models for every image: a colour image is upscaled on its luma (see ModelRunner).
+MODEL_FAMILIES = {
+    "denoise": ("denoise-gray", "denoise-color"),
+    "restore": ("restore-gray", "restore-color"),
+    "upscale": ("upscale-gray-x{scale}", "upscale-gray-x{scale}"),
+}
+SCALES = (2, 3, 4)  # the bundled upscalers' factors
+RESTORING_KINDS = ("restorer", "upscaler")  # model kinds that map an image to a restored one
 
 
-def models_by_channels(model: str) -> dict[int, str]:
-    """The model that restores images of each channel count (1, 3): a family's variants, else `model` for both."""
+def models_by_channels(model: str, scale: int | None = None) -> dict[int, str]:
+    """The model that restores images of each channel count (1, 3): a family's variants (the upscalers' for
+    `scale`, 2 by default), else `model` for both."""
     if model in MODEL_FAMILIES:
-        gray, color = MODEL_FAMILIES[model]
+        gray, color = (name.format(scale=scale or SCALES[0]) for name in MODEL_FAMILIES[model])
         return {1: gray, 3: color}
     return {1: model, 3: model}
 
 
-def load_restorer(name_or_path: str):
-    """Load a restorer model file by bundled name, path or URI (never executing pickled code)."""
-    return load_named(name_or_path, expected_kind="restorer")
+def load_restorer(name_or_path: str) -> LoadedModel:
+    """Load a restorer or upscaler model file by bundled name, path or URI (never executing pickled code)."""
+    loaded = load_named(name_or_path)
+    if loaded.kind not in RESTORING_KINDS:
+        raise ModelFileError(
+            f"{name_or_path} holds a {loaded.kind} model, expected one of {', '.join(RESTORING_KINDS)}"
+        )
+    return loaded
+
+
+def model_scale(loaded: LoadedModel) -> int:
+    """How many times larger than its input a model's output is (1 for the restorers)."""
+    return int(getattr(loaded.config, "scale", 1))
+
+
+def rgb_to_ycbcr(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in [0, 1] -> full-range ITU-R 601 YCbCr (JPEG's), chroma centred on 0.5."""
+    r, g, b = x.unbind(1)
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    return torch.stack([y, 0.5 + (b - y) * 0.564, 0.5 + (r - y) * 0.713], 1)
+
+
+def ycbcr_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of `rgb_to_ycbcr`."""
+    y, cb, cr = x.unbind(1)
+    r = y + (cr - 0.5) / 0.713
+    b = y + (cb - 0.5) / 0.564
+    return torch.stack([r, (y - 0.299 * r - 0.114 * b) / 0.587, b], 1)
 
 
 # Most pixels one forward pass takes on a CPU; a batch holding more is run in slices. Per pixel, a pass over several
@@ -107,19 +140,36 @@ class ModelRunner:
         self.tile = tile
         self.overlap = max(overlap, getattr(net, "receptive_radius", 0))
         self.align = getattr(net, "downscale", 1)
+        self.scale = model_scale(self.loaded)
         if self.tile <= 2 * self.overlap + self.align:
             self.tile = 2 * self.overlap + max(self.overlap, 64)
 
     def applied(self, channels: int) -> str:
-        """How this model treats `channels`-channel images: "native", "per-channel" or "replicated"."""
+        """How this model treats `channels`-channel images: "native", "per-channel", "replicated" or "luma" (a gray
+        upscaler on a colour image: the luma through the model, the chroma upscaled bicubic, as the super-resolution
+        literature does)."""
         if channels == self.channels:
             return "native"
-        return "per-channel" if self.channels == 1 else "replicated"
+        if self.channels == 1:
+            return "luma" if self.scale > 1 else "per-channel"
+        return "replicated"
 
     def restore_array(self, images: np.ndarray) -> np.ndarray:
-        """Restore (N, H, W, C) float images with the model, adapting channels (see the module docstring)."""
+        """Restore (N, H, W, C) float images with the model, adapting channels (see the module docstring).
+
+        Returns:
+            (N, s H, s W, C) float32 in [0, 1], s the model's scale (1 for the restorers).
+        """
         n, h, w, c = images.shape
+        s = self.scale
         x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # (N, C, H, W)
+        if self.applied(c) == "luma":
+            with torch.inference_mode():
+                ycc = rgb_to_ycbcr(x.to(self.device))  # (N, 3, H, W)
+                luma = self.forward(ycc[:, :1].contiguous(memory_format=self.memory_format)).float()  # (N, 1, sH, sW)
+                chroma = F.interpolate(ycc[:, 1:], scale_factor=s, mode="bicubic", align_corners=False)
+                y = ycbcr_to_rgb(torch.cat([luma, chroma], 1))  # (N, 3, sH, sW)
+                return y.clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         if self.channels == 1 and c == 3:
             x = x.reshape(n * 3, 1, h, w)  # every channel as a gray image
         elif self.channels == 3 and c == 1:
@@ -128,7 +178,7 @@ class ModelRunner:
         with torch.inference_mode():
             y = self.forward(x)
             if self.channels == 1 and c == 3:
-                y = y.reshape(n, 3, h, w)
+                y = y.reshape(n, 3, s * h, s * w)
             elif self.channels == 3 and c == 1:
                 y = y.mean(dim=1, keepdim=True)
             return y.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
@@ -151,7 +201,6 @@ class ModelRunner:
         return total.div_(8)
 
     def _sliced(self, x):
-
         b, _, h, w = x.shape
         per_pass = max(1, CPU_FORWARD_PIXELS // (h * w)) if self.device.type == "cpu" else b
         if per_pass >= b:
@@ -159,12 +208,11 @@ class ModelRunner:
         return torch.cat([self._tiled(x[i : i + per_pass]) for i in range(0, b, per_pass)])
 
     def _tiled(self, x):
-
         tile = self.tile
         while True:
             try:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    return tiled_apply(self.net, x, tile=tile, overlap=self.overlap, align=self.align)
+                    return tiled_apply(self.net, x, tile=tile, overlap=self.overlap, align=self.align, scale=self.scale)
             except torch.cuda.OutOfMemoryError:
                 # On a GPU, retry with smaller tiles rather than failing the image.
                 torch.cuda.empty_cache()
@@ -224,6 +272,7 @@ class RestoreActor:
                 done_at = time.time()
                 for j, i in enumerate(idx):  # float32: quantising is the encode tasks' work, off the model's core
                     rows[i].update(used, pixels=np.ascontiguousarray(out[j], dtype=np.float32).tobytes())
+                    rows[i].update(height=out.shape[1], width=out.shape[2])  # an upscaler's output is larger
                     rows[i]["restored_at"] = done_at
                     rows[i]["elapsed_ms"] += per_row_ms
             except Exception as e:  # one bad group must not take the batch down: its rows become error rows

@@ -35,6 +35,8 @@ STAGE_SCHEMA = pa.schema(
         ("model_applied", pa.string()),  # ... and how: "native", "per-channel" or "replicated"
         ("restored_at", pa.float64()),  # set by RestoreActor: Unix seconds when the model finished the row
         ("icc_profile", pa.binary()),  # the source's colour profile, embedded in the output (codec.icc_for)
+        ("input_height", pa.int32()),  # the model's input size; `height`/`width` become the output's (upscalers)
+        ("input_width", pa.int32()),
     ]
 )
 RESTORE_OUTPUT_SCHEMA = pa.schema(
@@ -58,6 +60,8 @@ RESTORE_OUTPUT_SCHEMA = pa.schema(
         ("restored_at", pa.float64()),
         ("model_applied", pa.string()),  # "native", "per-channel" (gray model, colour image), "replicated" (converse)
         ("file", pa.string()),  # with --format files/both: the image file written, relative to the run folder
+        ("input_width", pa.int32()),  # the size of the image the model saw: `width`/`height` times less for an
+        ("input_height", pa.int32()),  # upscaler, the same otherwise
     ]
 )
 

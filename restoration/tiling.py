@@ -11,6 +11,9 @@ translation-equivariant fn with receptive radius <= overlap, the tiled output eq
 float rounding (no seams at all); for anything else the ramp hides the seams. The price: tiles advance by
 tile - 3 * overlap, 416 px with the defaults, so about 1.5x the convolutions of one whole-image pass.
 
+Upscalers (`scale` > 1) are tiled the same way: tiles are cut on the input and blended on the output, where every
+position, margin and ramp is `scale` times its input size, so the crossfades stay aligned and seamless.
+
 Defaults: tile=512, overlap=32 covers DnCNN up to depth 32 and the "fast" restorer up to depth 15 (radius 2*depth+1);
 pass `overlap=model.receptive_radius` for deeper ones. Models that work on a downsampled grid ("fast": pixel-unshuffle
 by 2) are exact only when every tile starts on that grid: pass `align=model.downscale`.
@@ -68,7 +71,7 @@ def feather_window(h: int, w: int, overlap: int, device=None, dtype=None) -> Ten
 
 
 def tiled_apply(
-    fn: Callable[[Tensor], Tensor], image: Tensor, tile: int = 512, overlap: int = 32, *, align: int = 1
+    fn: Callable[[Tensor], Tensor], image: Tensor, tile: int = 512, overlap: int = 32, *, align: int = 1, scale: int = 1
 ) -> Tensor:
     """Apply an image-to-image fn tile by tile and blend the tiles into one output.
 
@@ -77,17 +80,18 @@ def tiled_apply(
     tile's graph would be kept.
 
     Args:
-        fn: maps (B, C, th, tw) to (B, C', th, tw); may return another dtype.
+        fn: maps (B, C, th, tw) to (B, C', scale th, scale tw); may return another dtype.
         image: (B, C, H, W) on any device.
         tile: tile size in pixels; when H <= tile and W <= tile, fn runs once on the whole image.
         overlap: context margin in pixels, >= fn's receptive radius for exact results (see the module docstring).
         align: tile starts are multiples of this (the model's downsampling factor); the last tile may then be up to
             align - 1 pixels longer than `tile`.
+        scale: fn's output is this many times larger than its input (an upscaler), >= 1.
     Returns:
-        (B, C', H, W) in the dtype fn returns.
+        (B, C', scale H, scale W) in the dtype fn returns.
     """
-    if align < 1:
-        raise ValueError(f"tiled_apply: align={align}: expected an int >= 1")
+    if align < 1 or scale < 1:
+        raise ValueError(f"tiled_apply: align={align}, scale={scale}: expected ints >= 1")
     if overlap < 0 or tile <= 2 * overlap + align - 1:
         raise ValueError(
             f"tiled_apply: expected overlap >= 0 and tile > 2 * overlap + align - 1, "
@@ -101,43 +105,52 @@ def tiled_apply(
 
     # Neighbours share 2 * overlap pixels of context plus a crossfade band of up to `overlap` pixels.
     ramp = min(overlap, tile - 2 * overlap - align)
-    rows = _axis_tiles(height, tile, overlap, ramp, align, image.device)
-    cols = _axis_tiles(width, tile, overlap, ramp, align, image.device)
+    rows = _axis_tiles(height, tile, overlap, ramp, align, scale, image.device)
+    cols = _axis_tiles(width, tile, overlap, ramp, align, scale, image.device)
 
     out_acc = None
-    weight_acc = torch.zeros(1, 1, height, width, device=image.device, dtype=torch.float32)  # (1, 1, H, W)
-    for ys, wy in rows:
-        for xs, wx in cols:
+    out_h, out_w = scale * height, scale * width
+    weight_acc = torch.zeros(1, 1, out_h, out_w, device=image.device, dtype=torch.float32)  # (1, 1, sH, sW)
+    for ys, oys, wy in rows:
+        for xs, oxs, wx in cols:
             patch = image[:, :, ys, xs]  # (B, C, th, tw), a view
-            out = fn(patch)  # (B, C', th, tw)
-            if out.ndim != 4 or out.shape[0] != patch.shape[0] or out.shape[-2:] != patch.shape[-2:]:
+            out = fn(patch)  # (B, C', s th, s tw)
+            expected = (scale * patch.shape[-2], scale * patch.shape[-1])
+            if out.ndim != 4 or out.shape[0] != patch.shape[0] or tuple(out.shape[-2:]) != expected:
                 raise ValueError(
                     f"tiled_apply: fn mapped a tile of shape {tuple(patch.shape)} to {tuple(out.shape)}; "
-                    "expected the same batch size and spatial size"
+                    f"expected the same batch size and spatial size {expected}"
                 )
             if out_acc is None:
                 out_acc = torch.zeros(
-                    *out.shape[:2], height, width, device=image.device, dtype=torch.float32
-                )  # (B, C', H, W)
+                    *out.shape[:2], out_h, out_w, device=image.device, dtype=torch.float32
+                )  # (B, C', sH, sW)
                 out_dtype = out.dtype
-            window = wy[:, None] * wx[None, :]  # (th, tw)
-            out_acc[:, :, ys, xs] += out.to(torch.float32) * window
-            weight_acc[:, :, ys, xs] += window
+            window = wy[:, None] * wx[None, :]  # (s th, s tw)
+            out_acc[:, :, oys, oxs] += out.to(torch.float32) * window
+            weight_acc[:, :, oys, oxs] += window
     # Every pixel lies in some tile's trusted interior, where its weight is > 0, so the division is safe.
     return (out_acc / weight_acc).to(out_dtype)
 
 
-def _axis_tiles(length: int, tile: int, overlap: int, ramp: int, align: int, device) -> list[tuple[slice, Tensor]]:
-    """Tiles along one axis as (slice, 1-D float32 weights).
+def _axis_tiles(
+    length: int, tile: int, overlap: int, ramp: int, align: int, scale: int, device
+) -> list[tuple[slice, slice, Tensor]]:
+    """Tiles along one axis as (input slice, output slice, 1-D float32 weights on the output).
 
     Starts come from `tile_positions` rounded down to multiples of `align` (the extra align - 1 of requested overlap
-    absorbs that rounding); the last tile runs to the end of the axis.
+    absorbs that rounding); the last tile runs to the end of the axis. On the output every length is `scale` times
+    the input's.
     """
     starts = sorted({s - s % align for s in tile_positions(length, tile, 2 * overlap + ramp + align - 1)})
     ends = [min(s + tile, length) for s in starts[:-1]] + [length]
     last = len(starts) - 1
     return [
-        (slice(s, e), _axis_weights(e - s, overlap, ramp, i > 0, i < last, device, torch.float32))
+        (
+            slice(s, e),
+            slice(scale * s, scale * e),
+            _axis_weights(scale * (e - s), scale * overlap, scale * ramp, i > 0, i < last, device, torch.float32),
+        )
         for i, (s, e) in enumerate(zip(starts, ends, strict=True))
     ]
 

@@ -122,9 +122,9 @@ def test_data_share_is_measured_with_the_runs_own_stages(photos, monkeypatch):
     calls: list[tuple] = []
     real_decode, real_encode, real_actor = restore.decode_batch, restore.encode_batch, inference.RestoreActor.__call__
 
-    def decode_batch(batch, degradation=None, seed=0, max_pixels=0):
+    def decode_batch(batch, degradation=None, seed=0, max_pixels=0, scale=1):
         calls.append(("decode", degradation, seed, max_pixels))
-        return real_decode(batch, degradation, seed, max_pixels)
+        return real_decode(batch, degradation, seed, max_pixels, scale)
 
     def encode_batch(batch, *args):
         out = real_encode(batch, *args)

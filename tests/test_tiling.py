@@ -131,6 +131,29 @@ def test_unet_tiles_aligned_to_its_grid_with_its_radius_as_overlap_are_exact():
     assert (short - whole).abs().max() > 1e-3  # too little context: the U-Net sees far
 
 
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_an_upscaler_is_tiled_on_its_input_and_blended_on_its_output_without_seams(scale):
+    """A conv net with a pixel-shuffle tail (radius 3 on the input): tiles of its input, blended on the scale-times
+    larger output, give the whole-image output exactly; with too little context the seams show."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, scale * scale, 3, padding=1),
+        torch.nn.PixelShuffle(scale),
+    ).eval()
+    x = torch.from_numpy(data.camera()[:100, :130].astype(np.float32) / 255)[None, None]  # (1, 1, 100, 130)
+    with torch.inference_mode():
+        whole = net(x)
+        tiled = tiled_apply(net, x, tile=40, overlap=4, scale=scale)
+        seamy = tiled_apply(net, x, tile=40, overlap=1, scale=scale)
+    assert tiled.shape == (1, 1, 100 * scale, 130 * scale)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+    assert (seamy - whole).abs().max() > 1e-3
+
+
 def test_colour_batch_and_tiles_never_larger_than_tile():
     model = small_restorer("dncnn", 3)
     _, noisy = noisy_pair(data.astronaut()[::3, ::3])  # (1, 3, 171, 171)

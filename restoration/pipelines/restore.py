@@ -28,7 +28,12 @@ from restoration.errors import UserError
 
 STAGE_SCHEMA = schemas.STAGE_SCHEMA
 OUTPUT_SCHEMA = schemas.RESTORE_OUTPUT_SCHEMA
-PRECISIONS = ("auto", "fp32", "bf16")  # "auto": bf16 where the device has bf16 units (`device.use_bf16`)
+PRECISIONS = ("auto", "fp32", "bf16")
+UPSCALE_FACTORS = (
+    2,
+    3,
+    4,
+)  # --scale: the factors of the bundled upscalers (inference.SCALES)  # "auto": bf16 where the device has bf16 units (`device.use_bf16`)
 
 # Largest block the pipeline's operators build (Ray Data's default is 128 MiB). Every operator holds a block in and
 # one being built out, so the block size, not the number of images, sets how much memory each worker needs: 128 MiB
@@ -43,7 +48,8 @@ class RestoreConfig:
 
     input: str
     output: str
-    model: str = "denoise"  # a family of MODEL_FAMILIES (per-image choice), or a bundled name, file or URI
+    model: str = "denoise"  # a family (denoise, restore, upscale: per-image choice), or a bundled name, file or URI
+    scale: int | None = None  # `--model upscale`: the factor, 2, 3 or 4 (default 2); an explicit upscaler has its own
     degrade: str | None = None  # spec applied before restoring (evaluation): the clean image becomes the reference
     seed: int = 0  # run seed; an image's degradation seed is derived from (seed, key)
     run_id: str | None = None
@@ -65,6 +71,8 @@ class RestoreConfig:
         if self.degrade:
             degrade.parse_spec(self.degrade)  # fail before any work on a bad spec
         files.check_options(self.format, self.image_format, self.quality)
+        if self.scale is not None and self.scale not in UPSCALE_FACTORS:
+            raise UserError(f"--scale must be one of {', '.join(map(str, UPSCALE_FACTORS))}, got {self.scale!r}")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("batch_size", "tile"):
@@ -91,19 +99,29 @@ def _error_row(key: str, error: str, elapsed_ms: float = 0.0) -> dict:
 
 
 def decode_batch(
-    batch: pa.Table, degradation: str | None = None, seed: int = 0, max_pixels: int = codec.DEFAULT_MAX_PIXELS
+    batch: pa.Table,
+    degradation: str | None = None,
+    seed: int = 0,
+    max_pixels: int = codec.DEFAULT_MAX_PIXELS,
+    scale: int = 1,
 ) -> pa.Table:
     """Decode (and, for evaluation, degrade) a batch of input rows.
 
     Args:
-        batch: rows with `key`, `image` (encoded bytes) and optionally `reference` (encoded clean image).
-        degradation: spec applied to each decoded image, seeded by (seed, key); the clean image becomes the reference.
+        batch: rows with `key`, `image` (encoded bytes) and optionally `reference` (encoded clean image, `scale`
+            times the image's size).
+        degradation: spec applied to each decoded image, seeded by (seed, key); the clean image becomes the reference
+            (cropped to a multiple of the spec's `lr:F` factor, which shrinks the image F times).
+        max_pixels: the most pixels an image, and the model's output (`scale`^2 times more), may have.
+        scale: the model's output is this many times larger than its input (an upscaler); 1 for the restorers.
 
     Returns:
-        A STAGE_SCHEMA table, one row per input row (failures carry `error = "decode: ..."`).
+        A STAGE_SCHEMA table, one row per input row (failures carry `error = "decode: ..."`). `input_psnr` is that of
+        the input itself or, when the model upscales, of its bicubic upscale: the baseline the model has to beat.
     """
     steps = degrade.parse_spec(degradation) if degradation else ()
     spec_text = degrade.format_spec(steps) if steps else None
+    shrink = degrade.lr_factor(steps) if steps else 1
     keys = batch.column("key").to_pylist()
     images = batch.column("image").to_pylist()
     refs = batch.column("reference").to_pylist() if "reference" in batch.column_names else [None] * len(keys)
@@ -115,20 +133,33 @@ def decode_batch(
         except codec.DecodeError as e:
             rows.append(_error_row(key, f"decode: {e}", 1e3 * (time.perf_counter() - t0)))
             continue
-        pixels, reference = decoded.pixels, None
+        pixels, reference, alpha = decoded.pixels, None, decoded.alpha
+        h, w, c = pixels.shape
         try:
             if ref is not None:
-                reference = codec.decode(ref, max_pixels=max_pixels).pixels
-                if reference.shape != pixels.shape:
-                    raise codec.DecodeError(f"reference shape {reference.shape} differs from image {pixels.shape}")
+                reference = codec.decode(ref, max_pixels=max_pixels * scale * scale).pixels
+                if reference.shape != (scale * h, scale * w, c):
+                    shape = "" if scale == 1 else f" x {scale}"
+                    raise codec.DecodeError(
+                        f"reference shape {reference.shape} differs from image {pixels.shape}{shape}"
+                    )
             if steps:
-                reference = pixels
+                reference = degrade.modcrop(pixels, shrink)
+                alpha = degrade.modcrop(alpha, shrink) if alpha is not None else None  # the output's size
                 pixels = degrade.apply(pixels, steps, degrade.rng_for(seed, key)).astype(np.float32, copy=False)
+                h, w, c = pixels.shape
         except (codec.DecodeError, ValueError) as e:
             rows.append(_error_row(key, f"reference: {e}" if not steps else f"degrade: {e}"))
             continue
-        h, w, c = pixels.shape
+        if scale * scale * h * w > max_pixels:
+            too_large = f"the {scale}x output ({scale * w} x {scale * h}) would exceed --max-pixels {max_pixels}"
+            rows.append(_error_row(key, f"decode: {too_large}", 1e3 * (time.perf_counter() - t0)))
+            continue
         depth = decoded.bit_depth
+        baseline = None
+        if reference is not None:
+            upscaled = pixels if scale == 1 else codec.resize_bicubic(codec.as_float(pixels), scale * w, scale * h)
+            baseline = metrics.psnr(upscaled, reference) if upscaled.shape == reference.shape else None
         rows.append(
             {
                 "key": key,
@@ -136,15 +167,17 @@ def decode_batch(
                 "height": h,
                 "width": w,
                 "channels": c,
-                "alpha": decoded.alpha.tobytes() if decoded.alpha is not None else None,
+                "alpha": alpha.tobytes() if alpha is not None else None,
                 "bit_depth": decoded.bit_depth,
                 "source_mode": decoded.mode,
                 "reference": _samples(reference, depth) if reference is not None else None,
                 "degradation": spec_text,
-                "input_psnr": metrics.psnr(pixels, reference) if reference is not None else None,
+                "input_psnr": baseline,
                 "elapsed_ms": 1e3 * (time.perf_counter() - t0),
                 "error": None,
                 "icc_profile": decoded.icc_profile,
+                "input_height": h,
+                "input_width": w,
             }
         )
     return pa.Table.from_pylist(rows, schema=schemas.STAGE_SCHEMA)
@@ -154,6 +187,27 @@ def _png_mode(channels: int, has_alpha: bool, bit_depth: int) -> str:
     if channels == 1:
         return "LA" if has_alpha else ("I;16" if bit_depth == 16 else "L")
     return "RGBA" if has_alpha else "RGB"
+
+
+def _unit(samples: np.ndarray) -> np.ndarray:
+    """Integer samples as float64 in [0, 1] (exactly the file's values, for the metrics)."""
+    return samples / np.iinfo(samples.dtype).max
+
+
+def _alpha(raw: bytes | None, size: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray | None:
+    """A row's alpha plane at the output's size (H, W): as it is, or upscaled bicubic from the input's size when the
+    model upscaled the image (alpha is kept away from the model)."""
+    if raw is None:
+        return None
+    for h, w in (size, input_size):
+        if len(raw) in (h * w, 2 * h * w):
+            plane = np.frombuffer(raw, dtype=np.uint16 if len(raw) == 2 * h * w else np.uint8).reshape(h, w)
+            if (h, w) == size:
+                return plane
+            top = np.iinfo(plane.dtype).max
+            resized = codec.resize_bicubic(plane.astype(np.float32), size[1], size[0])
+            return np.clip(np.rint(resized), 0, top).astype(plane.dtype)
+    raise ValueError(f"alpha of {len(raw)} bytes fits neither {size} nor {input_size}")
 
 
 def encode_batch(batch: pa.Table, model: str, model_sha256: str | None, run_id: str) -> pa.Table:
@@ -179,24 +233,23 @@ def encode_batch(batch: pa.Table, model: str, model_sha256: str | None, run_id: 
             "input_psnr": row["input_psnr"],
             "run_id": run_id,
             "error": row["error"],
+            "input_width": row.get("input_width"),
+            "input_height": row.get("input_height"),
         }
         if row["error"] is None:
             try:
-                h, w, c = row["height"], row["width"], row["channels"]
+                h, w, c = row["height"], row["width"], row["channels"]  # the model's output size
                 restored = codec.to_uint(codec.from_raw(row["pixels"], h, w, c), row["bit_depth"])  # the PNG's samples
-                alpha = None
-                if row["alpha"] is not None:
-                    dtype = np.uint16 if len(row["alpha"]) == 2 * h * w else np.uint8
-                    alpha = np.frombuffer(row["alpha"], dtype=dtype).reshape(h, w)
+                alpha = _alpha(row["alpha"], (h, w), (row["input_height"], row["input_width"]))
                 png = codec.encode_png(
                     restored, alpha=alpha, bit_depth=row["bit_depth"], icc_profile=row.get("icc_profile")
                 )
                 result.update(image=png, width=w, height=h, mode=_png_mode(c, alpha is not None, row["bit_depth"]))
                 if row["reference"] is not None:
-                    reference = codec.as_float(codec.from_raw(row["reference"], h, w, c))
+                    reference = _unit(codec.from_raw(row["reference"], h, w, c))
                     # SSIM's 11×11 window needs an image at least that large; smaller ones get PSNR only.
                     small = min(h, w) < 11
-                    delivered = codec.as_float(restored)  # the metrics describe the file written, not the float output
+                    delivered = _unit(restored)  # the metrics describe the file written, not the float output
                     result.update(
                         psnr=metrics.psnr(delivered, reference),
                         ssim=None if small else metrics.ssim(delivered, reference),
@@ -239,12 +292,13 @@ def drop_done(batch: pa.Table, done) -> pa.Table:
 SHARE_SAMPLE_SIDE = 256
 
 
-def data_share(config: RestoreConfig, sample: dict | None, loaded: dict | None = None) -> float | None:
+def data_share(config: RestoreConfig, sample: dict | None, loaded: dict | None = None, scale: int = 1) -> float | None:
     """The fraction of an image's CPU time the data operators (decode, degrade, encode, metrics) take next to the
     model, measured here on one thread with the run's own stage functions: `actor_resources` splits the cores by it.
 
     Args:
         loaded: the run's model files already read (model name -> LoadedModel), so the driver reads them once.
+        scale: the models' upscaling factor (1 for the restorers).
         sample: an input row ({"key", "image"} and optionally "reference"), e.g. `data.first_row(config.input)`. A
             central crop of at most SHARE_SAMPLE_SIDE px a side is re-encoded as PNG and timed, so a large photo costs
             no more than a crop.
@@ -276,7 +330,7 @@ def data_share(config: RestoreConfig, sample: dict | None, loaded: dict | None =
     batch = pa.table({k: pa.array(v, pa.string() if k == "key" else pa.binary()) for k, v in columns.items()})
 
     def decode() -> pa.Table:
-        return decode_batch(batch, config.degrade, config.seed, config.max_pixels)
+        return decode_batch(batch, config.degrade, config.seed, config.max_pixels, scale)
 
     actor = RestoreActor(
         config.model, config.tile, config.overlap, precision=config.precision, ensemble=config.ensemble, loaded=loaded
@@ -363,8 +417,9 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
 
     t_start = time.perf_counter()
     # Fail fast on a bad model or input, before Ray starts; a family needs both of its variants.
-    names = dict.fromkeys(inference.models_by_channels(config.model).values())
+    names = dict.fromkeys(inference.models_by_channels(config.model, config.scale).values())
     loaded = {name: inference.load_restorer(name) for name in names}
+    scale = check_scale(config, {name: inference.model_scale(m) for name, m in loaded.items()})
     run_sha256 = next(iter(loaded.values())).sha256 if len(loaded) == 1 else None  # rows name their own model
     model_name = config.model if config.model in inference.MODEL_FAMILIES else model_label(config.model)
     source = data.resolve_input(config.input)  # the input's one listing
@@ -375,7 +430,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
 
     init_ray()
     workers, use_gpu, threads, actor_cpus, _, _ = actor_resources(
-        config.workers, config.gpu, lambda: data_share(config, data.first_row(source, ("reference",)), loaded)
+        config.workers, config.gpu, lambda: data_share(config, data.first_row(source, ("reference",)), loaded, scale)
     )
     stage = {"batch_format": "pyarrow", "batch_size": config.batch_size, "num_cpus": DATA_TASK_CPUS}
     ds = data.read_images(source, extra_columns=("reference",), num_cpus=DATA_TASK_CPUS)
@@ -384,7 +439,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         done = ray.put(pa.array(sorted(run.done), pa.string()))
         ds = ds.map_batches(drop_done, fn_kwargs={"done": done}, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
     # The data tasks reserve less than an actor, so Ray Data does not fuse decode or encode into the actor.
-    decode_args = {"degradation": config.degrade, "seed": config.seed, "max_pixels": config.max_pixels}
+    decode_args = {"degradation": config.degrade, "seed": config.seed, "max_pixels": config.max_pixels, "scale": scale}
     ds = ds.map_batches(decode_batch, fn_kwargs=decode_args, **stage)
     # One model batch per block: an actor task takes a whole block, and blocks of BLOCK_BYTES hold hundreds of small
     # images, so a few blocks would leave all but one or two actors of the pool idle.
@@ -413,6 +468,27 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     report = _report(config, run, rows_in, model_name, run_sha256, phases, {"workers": workers, "gpu": use_gpu})
     runs.write_manifest(run.out_uri, asdict(report))
     return report
+
+
+def check_scale(config: RestoreConfig, scales: dict[str, int]) -> int:
+    """The run's upscaling factor from its models' (`scales`: name -> factor), checked against `--scale` and against
+    the `lr:F` shrink of `--degrade`, which the model has to undo for the reference to fit.
+
+    Raises:
+        UserError: naming the values that disagree.
+    """
+    if len(set(scales.values())) > 1:
+        raise UserError(f"the models of {config.model!r} upscale by different factors: {scales}")
+    scale = next(iter(scales.values()))
+    if config.scale is not None and config.scale != scale:
+        raise UserError(f"--scale {config.scale}, but {config.model} upscales {scale}x: drop --scale or pick its model")
+    shrink = degrade.lr_factor(degrade.parse_spec(config.degrade)) if config.degrade else 1
+    if shrink != 1 and shrink != scale:
+        raise UserError(
+            f"--degrade {config.degrade} shrinks images {shrink}x but {config.model} upscales {scale}x: "
+            f"expected lr:{scale} (or --scale {shrink} with --model upscale)"
+        )
+    return scale
 
 
 def _report(
