@@ -236,11 +236,12 @@ class RestoreActor:
         compile: bool = False,
         ensemble: bool = False,
         loaded: dict[str, LoadedModel] | None = None,
+        scale: int | None = None,
     ) -> None:
         prioritise_model_actor()
         if threads:
             torch.set_num_threads(threads)
-        names = models_by_channels(model)
+        names = models_by_channels(model, scale)  # `scale`: which upscalers `--model upscale` means
         loaded = loaded or {}
         runners = {
             name: ModelRunner(name, tile, overlap, precision, compile, ensemble, loaded.get(name))

@@ -333,7 +333,13 @@ def data_share(config: RestoreConfig, sample: dict | None, loaded: dict | None =
         return decode_batch(batch, config.degrade, config.seed, config.max_pixels, scale)
 
     actor = RestoreActor(
-        config.model, config.tile, config.overlap, precision=config.precision, ensemble=config.ensemble, loaded=loaded
+        config.model,
+        config.tile,
+        config.overlap,
+        precision=config.precision,
+        ensemble=config.ensemble,
+        loaded=loaded,
+        scale=config.scale,
     )
     decoded = decode()
     restored = actor(decoded)
@@ -446,6 +452,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     actor_args = {"model": config.model, "tile": config.tile, "overlap": config.overlap, "threads": threads}
     actor_args |= {"precision": config.precision, "compile": config.compile, "ensemble": config.ensemble}
+    actor_args |= {"scale": config.scale}
     ds = ds.map_batches(
         inference.RestoreActor,
         fn_constructor_kwargs=actor_args,
