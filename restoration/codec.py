@@ -527,15 +527,23 @@ def _chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
-def resize_bicubic(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Resize (H, W) or (H, W, C) samples with Pillow's bicubic filter (antialiased when shrinking) in float, with no
-    8-bit rounding on the way. Returns float32 of shape (height, width[, C]) on the input's scale."""
+RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def resize(pixels: np.ndarray, width: int, height: int, method: str = "bicubic") -> np.ndarray:
+    """Resize (H, W) or (H, W, C) samples with a Pillow filter (`RESAMPLING`; widened when shrinking, as MATLAB's
+    imresize does), per channel in 32-bit float: no 8-bit rounding and no clipping of the filter's overshoot.
+    Returns float32 of shape (height, width[, C]) on the input's scale."""
     planes = pixels[..., None] if pixels.ndim == 2 else pixels
     out = np.stack(
         [
             np.asarray(
                 Image.fromarray(np.ascontiguousarray(planes[..., i], np.float32), mode="F").resize(
-                    (width, height), Image.Resampling.BICUBIC
+                    (width, height), RESAMPLING[method]
                 )
             )
             for i in range(planes.shape[-1])

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from restoration import codec
 from restoration.errors import UserError
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -251,11 +252,7 @@ def bicubic_down(image: np.ndarray, factor: int) -> np.ndarray:
     h, w = image.shape[0] // factor, image.shape[1] // factor
     if factor == 1:
         return image.copy()
-    channels = []
-    for c in range(image.shape[2]):
-        pil = Image.fromarray(np.ascontiguousarray(image[..., c]))  # mode "F"
-        channels.append(np.asarray(pil.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=None), dtype=np.float32))
-    return np.stack(channels, axis=-1)
+    return codec.resize(image, w, h)
 
 
 def missing_pixels(image: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:

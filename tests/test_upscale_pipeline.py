@@ -64,7 +64,7 @@ def test_rows_come_out_scale_times_larger_and_say_both_sizes(upscalers, scale):
     assert [r["mode"] for r in out] == ["L", "RGB", "RGBA", "I;16"]
     assert [r["model_applied"] for r in out] == ["native", "luma", "luma", "native"]
     alpha = np.asarray(Image.open(io.BytesIO(out[2]["image"])))[..., 3].astype(float)
-    expected = codec.resize_bicubic(rgba[..., 3].astype(np.float32), scale * 41, scale * 30)
+    expected = codec.resize(rgba[..., 3].astype(np.float32), scale * 41, scale * 30)
     assert np.abs(alpha - expected).max() <= 1  # alpha upscaled bicubic, apart from the model
     sixteen = codec.decode(out[3]["image"])
     assert sixteen.bit_depth == 16 and len(np.unique(np.asarray(Image.open(io.BytesIO(out[3]["image"]))) % 257)) > 1
@@ -86,7 +86,7 @@ def test_lr_degradation_keeps_the_cropped_original_as_the_reference_and_bicubic_
     reference = codec.from_raw(decoded["reference"], 100, 82, 1)
     np.testing.assert_array_equal(reference[..., 0], photo[:100, :82])
     small = codec.from_raw(decoded["pixels"], 50, 41, 1)
-    bicubic = codec.resize_bicubic(small, 82, 100)
+    bicubic = codec.resize(small, 82, 100)
     assert decoded["input_psnr"] == pytest.approx(metrics.psnr(bicubic, codec.as_float(reference)))
     row = encode_batch(
         RestoreActor(upscalers[2], precision="fp32")(decode_batch(batch, "lr:2", 0, scale=2)), "m", None, "r"

@@ -158,7 +158,7 @@ def decode_batch(
         depth = decoded.bit_depth
         baseline = None
         if reference is not None:
-            upscaled = pixels if scale == 1 else codec.resize_bicubic(codec.as_float(pixels), scale * w, scale * h)
+            upscaled = pixels if scale == 1 else codec.resize(codec.as_float(pixels), scale * w, scale * h)
             baseline = metrics.psnr(upscaled, reference) if upscaled.shape == reference.shape else None
         rows.append(
             {
@@ -205,7 +205,7 @@ def _alpha(raw: bytes | None, size: tuple[int, int], input_size: tuple[int, int]
             if (h, w) == size:
                 return plane
             top = np.iinfo(plane.dtype).max
-            resized = codec.resize_bicubic(plane.astype(np.float32), size[1], size[0])
+            resized = codec.resize(plane.astype(np.float32), size[1], size[0])
             return np.clip(np.rint(resized), 0, top).astype(plane.dtype)
     raise ValueError(f"alpha of {len(raw)} bytes fits neither {size} nor {input_size}")
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from restoration import degrade, metrics
+from restoration import codec, degrade, metrics
 from restoration.checkpoint import load_named, save_model
 from restoration.errors import UserError
 from restoration.models.upscaler import Upscaler, UpscalerConfig
@@ -192,18 +192,9 @@ def evaluate(model: Upscaler, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dic
 
 
 def bicubic_up(image: np.ndarray, scale: int) -> np.ndarray:
-    """Pillow bicubic upsampling by `scale` of a float (H, W, C) image, per channel in mode "F"."""
-    from PIL import Image
-
+    """Pillow bicubic upsampling by `scale` of a float (H, W, C) image, per channel in mode "F" (`codec.resize`)."""
     h, w = image.shape[:2]
-    size = (w * scale, h * scale)
-    return np.stack(
-        [
-            np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c])).resize(size, Image.Resampling.BICUBIC))
-            for c in range(image.shape[2])
-        ],
-        axis=-1,
-    ).astype(np.float32)
+    return codec.resize(image, w * scale, h * scale)
 
 
 def init_weights(name_or_path: str, config: UpscalerConfig) -> dict:

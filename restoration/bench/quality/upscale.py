@@ -20,21 +20,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from restoration import degrade, metrics, samples, sources
+from restoration import codec, degrade, metrics, samples, sources
 from restoration.errors import UserError
 
 SCALES = (2, 3, 4)
 SETS = ("Set5", "Set14")
-CLASSICAL = ("nearest", "bicubic", "lanczos")
+CLASSICAL = tuple(codec.RESAMPLING)  # nearest, bicubic, lanczos
 # Published PSNR (dB) on (Set5, Set14) from datasets/README.md: MATLAB bicubic and SRCNN (Dong et al., TPAMI 2016).
 PUBLISHED = {
     "bicubic (published)": {2: (33.66, 30.24), 3: (30.39, 27.55), 4: (28.42, 26.00)},
     "SRCNN (published)": {2: (36.66, 32.45), 3: (32.75, 29.30), 4: (30.48, 27.50)},
-}
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
 }
 # MATLAB's rgb2ycbcr on [0, 1] RGB, as 0-255 values: rows Y, Cb, Cr; offsets 16, 128, 128.
 _YCBCR = np.array([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]]) / 255.0
@@ -97,12 +92,7 @@ def load_sets(config: UpscaleConfig) -> tuple[str, dict[str, list[tuple[str, np.
 def pillow_up(image: np.ndarray, scale: int, method: str) -> np.ndarray:
     """Upscale a float (H, W, C) image `scale` times with a Pillow filter, per channel in mode "F"."""
     h, w = image.shape[:2]
-    size = (w * scale, h * scale)
-    channels = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c])).resize(size, _RESAMPLE[method]))
-        for c in range(image.shape[2])
-    ]
-    return np.stack(channels, axis=-1).astype(np.float32)
+    return codec.resize(image, w * scale, h * scale, method)
 
 
 def rgb_to_ycbcr(image: np.ndarray) -> np.ndarray:
