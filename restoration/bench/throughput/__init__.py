@@ -3,6 +3,7 @@
 Each section times a pipeline against the loop it cannot beat, on the same model file and the same work:
 - restore (`restore.py`): the raw model loop (the limit) vs `run_restore` S3 -> Parquet on S3 (ours, end to end and
   in steady state) vs a naive one-image-at-a-time script;
+- upscale (`restore.py` too): the same, with an upscaler on images without noise;
 - synthesis (`synthesis.py`): the raw generator loop vs `run_synthesize`;
 - training (`training.py`): a 1-worker Ray Train restorer vs the same loop in plain PyTorch.
 

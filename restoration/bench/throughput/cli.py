@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed-sizes", action="store_true", help="crops of 180, 256 and 512 px in turn")
     parser.add_argument("--noise", type=float, default=d.noise, help="sigma of the input noise, 0-255 (default 25)")
     parser.add_argument("--model", default=d.model, help=f"restorer (default {d.model})")
+    parser.add_argument(
+        "--upscale-model", default=d.upscale_model, help=f"upscaler of the upscale section (default {d.upscale_model})"
+    )
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"restore batch (default {d.batch_size})")
     parser.add_argument(
         "--min-model-seconds",
@@ -66,6 +69,7 @@ def config_from_args(args: argparse.Namespace) -> ThroughputConfig:
         mixed_sizes=args.mixed_sizes,
         noise=args.noise,
         model=args.model,
+        upscale_model=args.upscale_model,
         batch_size=args.batch_size,
         compile=args.compile,
         min_model_seconds=args.min_model_seconds,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from restoration import storage
 from restoration.errors import UserError
 
-SECTIONS = ("restore", "synthesis", "training")
+SECTIONS = ("restore", "upscale", "synthesis", "training")
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class ThroughputConfig:
     mixed_sizes: bool = False
     noise: float = 25.0  # sigma (0-255) of the Gaussian noise baked into the input PNGs; 0 keeps the images as they are
     model: str = "denoise-gray"
+    upscale_model: str = "upscale-gray-x2"  # the upscale section's model, on the crops without noise
     batch_size: int = 8  # RestoreConfig's default
     compile: bool = False  # torch.compile the restorer, in the limit loop and in the pipeline's actors alike
     # About two minutes of pure model time is the smallest run whose numbers say something about a long batch job:

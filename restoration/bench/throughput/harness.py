@@ -99,6 +99,7 @@ def benchmark(
             ray_startup_s=ray_startup_s,
             ray_started_here=started_ray,
             restore=bench_restore(config, session, progress) if "restore" in config.only else None,
+            upscale=bench_restore(config, session, progress, "upscale") if "upscale" in config.only else None,
             synthesis=bench_synthesis(config, session, progress) if "synthesis" in config.only else None,
             training=bench_training(config, session, progress, trainer) if "training" in config.only else None,
             driver_peak_rss_mb_lifetime=driver_peak_mb(),

@@ -78,23 +78,28 @@ def _steady_cpu_line(cpu: SteadyCpu, unit: str, raw_rate: float, raw_per_cpu_s: 
 
 
 def _restore_lines(restore: RestoreResult, config: ThroughputConfig) -> list[str]:
+    """The restore or upscale section's table: rates in megapixels of output a second, ratios against the mean of
+    the limit loop's two runs."""
     limit, ours, naive, runner, ratios = restore.limit, restore.ours, restore.naive, restore.runner, restore.ratios
-    pool = restore.pool
+    pool, again = restore.pool, restore.limit_again
     startup = f"{restore.ray_startup_s:.1f} s" if restore.ray_startup_s else "not measured"
     res = ours.resources
+    what = f" (x{restore.scale}, megapixels of the output)" if restore.scale > 1 else ""
     lines = [
-        f"RESTORE  {config.model}: {restore.images} images, {restore.megapixels:.1f} MP, "
+        f"{restore.section.upper()}  {restore.model}{what}: {restore.images} images, {restore.megapixels:.1f} MP, "
         f"batch {config.batch_size}, {pool.actors} actor(s) x {pool.threads} thread(s) "
         f"(data share {_num(pool.data_share)}), {'bf16' if runner.bf16 else 'fp32'}"
         f"{', compiled' if runner.compiled else ''}, {'GPU' if pool.gpu else 'CPU'}",
         _header("MP/s", "MP/CPU-s"),
         _loop_row(f"limit: raw model loop, {limit.streams} at once", limit, limit.mp_per_s, limit.megapixels),
+        _loop_row("limit loop again at the end", again, again.mp_per_s, again.megapixels),
+        _row("limit: the mean of the two", restore.limit_mean_mp_per_s, (limit.seconds + again.seconds) / 2),
         _steady_row(
             "ours: steady state (restored_at span)",
             ours.steady.work_per_s,
             ours.steady.span_s,
             restore.steady_valid,
-            f"{_num(ratios['ours_steady_over_limit'])} x limit",
+            f"{_num(ratios['ours_steady_over_limit_mean'])} x limit",
         ),
         _row(
             "ours: run_restore (Ray already up)",
@@ -102,13 +107,13 @@ def _restore_lines(restore: RestoreResult, config: ThroughputConfig) -> list[str
             ours.seconds,
             ours.cpu_s,
             ours.megapixels,
-            f"{_num(ours.mp_per_s / limit.mp_per_s)} x limit",
+            f"{_num(ratios['ours_run_over_limit_mean'])} x limit",
         ),
         _row(
             f"ours: end to end (Ray start-up {startup})",
             restore.end_to_end_mp_per_s,
             restore.end_to_end_s,
-            ratio=f"{_num(ratios['ours_end_to_end_over_limit'])} x limit, "
+            ratio=f"{_num(ratios['ours_end_to_end_over_limit_mean'])} x limit, "
             f"{_num(ratios['ours_end_to_end_over_naive'])} x naive",
         ),
         _row(
@@ -119,9 +124,8 @@ def _restore_lines(restore: RestoreResult, config: ThroughputConfig) -> list[str
             naive.megapixels,
             f"{naive.threads} torch threads, fp32",
         ),
-        f"  limit loop again at the end ({restore.limit_again.seconds:.0f} s): {_num(restore.limit_again.mp_per_s)} "
-        f"MP/s, {_num(ratios['limit_again_over_limit'])} x the first (the machine's drift); ours' steady state over "
-        f"the mean of the two: {_num(ratios['ours_steady_over_limit_mean'])}",
+        f"  the limit loop's drift: the second ran at {_num(ratios['limit_again_over_limit'])} x the first; ours' "
+        f"steady state over the first alone: {_num(ratios['ours_steady_over_limit'])}",
         f"  run_restore phases: {_phases(ours.phase_seconds)}; the write: {_phases(ours.write_split_seconds)}",
         f"  memory (ours): driver peak {res.driver_peak_mb:.0f} MB; {res.workers} Ray workers, "
         f"largest peak {res.worker_peak_mb_max:.0f} MB (anon {res.worker_anon_mb_max:.0f} MB), "
@@ -204,10 +208,13 @@ def _training_lines(training: TrainingResult) -> list[str]:
 
 
 def format_table(result: ThroughputResult) -> str:
-    """The human-readable summary: one line per measurement, ratios, memory."""
-    lines = []
-    if result.restore:
-        lines += _restore_lines(result.restore, result.config)
+    """The human-readable summary: the machine, then one line per measurement, ratios, memory."""
+    env = result.environment
+    bf16 = "bf16 units (AMX or AVX512-BF16)" if env.cpu_bf16_units else "no bf16 units (fp32)"
+    lines = [f"MACHINE  {env.cpu}, {env.cpus} cores, {bf16}; GPU: {env.cuda or 'none'}"]
+    for section in (result.restore, result.upscale):
+        if section:
+            lines += _restore_lines(section, result.config)
     if result.synthesis:
         lines += _synthesis_lines(result.synthesis, result.config)
     if result.training:
@@ -218,53 +225,60 @@ def format_table(result: ThroughputResult) -> str:
 def notes(result: ThroughputResult) -> list[str]:
     """Plain-language notes on what the numbers show (where time and memory went)."""
     out = []
-    restore = result.restore
-    if restore:
-        ours, res = restore.ours, restore.ours.resources
-        fused = sorted({r for w in res.top_workers for r in w.roles if "->" in r})
-        if fused:
-            out.append(f"restore: fused operators seen in the workers' titles: {', '.join(fused)}")
-        actors = [w for w in res.top_workers if any("RestoreActor" in r for r in w.roles)]
-        if actors:
-            busy = ", ".join(f"{w.cpu_s / res.wall_s:.2f}" for w in actors)
-            out.append(
-                f"restore: the {len(actors)} model actor process(es) used {busy} cores "
-                f"over the run ({sum(w.cpu_s for w in actors):.0f} CPU s in {res.wall_s:.0f} s, "
-                f"{restore.pool.threads} torch thread(s) each; decoding and encoding run in tasks of their own); "
-                f"the limit loop needed {restore.limit.cpu_s:.0f} CPU s for the same images"
-            )
-        if res.machine_busy_cores is not None:
-            out.append(
-                f"restore: the machine was {res.machine_busy_cores:.2f} of {res.cpus} cores busy during ours, "
-                f"{res.our_busy_cores:.2f} of them this run's driver, Ray workers and S3 server; the rest is "
-                "Ray's own processes (raylet, GCS, dashboard) and other load"
-            )
-        if restore.steady_over_limit:
-            out.append(
-                f"restore: steady state is not meaningful here: the restored_at span gives "
-                f"{ours.steady.work_per_s:.3g} MP/s, faster than the limit loop; the machine was busier while the "
-                "limit was measured, or the run is too short; measure on an idle machine with more images"
-            )
-        elif not restore.steady_valid:
-            out.append(
-                f"restore: steady state is not meaningful here: the model restored the images in "
-                f"{ours.steady.batches} batch(es), fewer than {MIN_STEADY_BATCHES}; use more images"
-            )
-        driver_nice, actor_nice = res.driver_nice, actors[0].nice if actors else None
-        if driver_nice is not None and actor_nice is not None and actor_nice > driver_nice:
-            out.append(
-                f"restore: the restore actor ran at nice {actor_nice} (Ray's RAY_worker_niceness; lowering it needs "
-                f"CAP_SYS_NICE), this driver at nice {driver_nice}: on a busy machine the limit and naive loops (in the "
-                "driver) get the CPU before the model does"
-            )
-        if restore.naive.threads != restore.pool.threads:
-            out.append(
-                f"restore: naive runs with {restore.naive.threads} torch threads, each of the "
-                f"{restore.pool.actors} actor(s) with {restore.pool.threads} (actor_resources splits the cores by "
-                f"the measured data share, {_num(restore.pool.data_share)})"
-            )
+    for restore in (result.restore, result.upscale):
+        if restore:
+            out += _restore_notes(restore)
     if result.ray_startup_s is None:
         out.append("Ray was already running: end to end numbers exclude Ray's start-up")
+    return out
+
+
+def _restore_notes(restore: RestoreResult) -> list[str]:
+    """The notes on the restore or upscale section, each starting with the section's name."""
+    out, name = [], restore.section
+    ours, res = restore.ours, restore.ours.resources
+    fused = sorted({r for w in res.top_workers for r in w.roles if "->" in r})
+    if fused:
+        out.append(f"{name}: fused operators seen in the workers' titles: {', '.join(fused)}")
+    actors = [w for w in res.top_workers if any("RestoreActor" in r for r in w.roles)]
+    if actors:
+        busy = ", ".join(f"{w.cpu_s / res.wall_s:.2f}" for w in actors)
+        out.append(
+            f"{name}: the {len(actors)} model actor process(es) used {busy} cores "
+            f"over the run ({sum(w.cpu_s for w in actors):.0f} CPU s in {res.wall_s:.0f} s, "
+            f"{restore.pool.threads} torch thread(s) each; decoding and encoding run in tasks of their own); "
+            f"the limit loop needed {restore.limit.cpu_s:.0f} CPU s for the same images"
+        )
+    if res.machine_busy_cores is not None:
+        out.append(
+            f"{name}: the machine was {res.machine_busy_cores:.2f} of {res.cpus} cores busy during ours, "
+            f"{res.our_busy_cores:.2f} of them this run's driver, Ray workers and S3 server; the rest is "
+            "Ray's own processes (raylet, GCS, dashboard) and other load"
+        )
+    if restore.steady_over_limit:
+        out.append(
+            f"{name}: steady state is not meaningful here: the restored_at span gives "
+            f"{ours.steady.work_per_s:.3g} MP/s, faster than the limit loop; the machine was busier while the "
+            "limit was measured, or the run is too short; measure on an idle machine with more images"
+        )
+    elif not restore.steady_valid:
+        out.append(
+            f"{name}: steady state is not meaningful here: the model restored the images in "
+            f"{ours.steady.batches} batch(es), fewer than {MIN_STEADY_BATCHES}; use more images"
+        )
+    driver_nice, actor_nice = res.driver_nice, actors[0].nice if actors else None
+    if driver_nice is not None and actor_nice is not None and actor_nice > driver_nice:
+        out.append(
+            f"{name}: the model actor ran at nice {actor_nice} (Ray's RAY_worker_niceness; lowering it needs "
+            f"CAP_SYS_NICE), this driver at nice {driver_nice}: on a busy machine the limit and naive loops (in the "
+            "driver) get the CPU before the model does"
+        )
+    if restore.naive.threads != restore.pool.threads:
+        out.append(
+            f"{name}: naive runs with {restore.naive.threads} torch threads, each of the "
+            f"{restore.pool.actors} actor(s) with {restore.pool.threads} (actor_resources splits the cores by "
+            f"the measured data share, {_num(restore.pool.data_share)})"
+        )
     return out
 
 
@@ -284,7 +298,8 @@ def write_report(result: ThroughputResult, out_dir: str | os.PathLike) -> dict[s
     paths = {"json": out / "throughput.json", "md": out / "throughput.md"}
     paths["json"].write_text(json.dumps(to_json(result), indent=2) + "\n")
     env = result.environment
-    method = result.restore.ours.resources.method if result.restore else "see JSON"
+    section = result.restore or result.upscale
+    method = section.ours.resources.method if section else "see JSON"
     md = [
         "# Throughput: pipelines vs raw models vs a naive script",
         "",

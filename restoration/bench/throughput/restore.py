@@ -1,4 +1,4 @@
-"""The restore section: the same model file on the same images, three ways.
+"""The restore and upscale sections: the same model file on the same images, three ways.
 
 - limit: the raw model forward loop over pre-decoded tensors already in memory (`ModelRunner.forward`: BN folded,
   the pipeline's batch size, sliced on CPUs as the actor slices it), with the threads, precision and memory format
@@ -6,8 +6,13 @@
   Nothing but the model runs, so no pipeline can beat it on the same hardware.
 - ours: the images as input shards (`data.ingest`), then `run_restore` to Parquet; end to end adds the Ray start-up
   (timed on its own, before the run).
+- the limit loop again at the end, as long as the first: the ratios are taken against the mean of the two, so that a
+  machine whose speed drifts during the run (a shared VM) does not bias them.
 - naive: what a user writes without us: get the object -> Pillow decode -> torch forward (same model, fp32, BN as
   trained, default torch threads, one image at a time) -> PNG encode -> put the object, sequentially.
+
+The restore section runs the restorer (`--model`) on the noisy crops; the upscale section the upscaler
+(`--upscale-model`) on the clean ones, which become `scale` times larger. Both count megapixels of the output.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ if TYPE_CHECKING:
     import torch
 
 CALIBRATION_BATCHES = 2  # timed batches (after one warm-up batch) that size the run for --min-model-seconds
-RECHECK_BATCHES = 8  # timed batches per stream of the limit loop run again at the end
 # No pipeline outruns the raw model: a steady state more than this factor above the limit says the limit loop ran on
 # a busier machine, or too few batches were timed.
 STEADY_SLACK = 1.05
@@ -43,7 +47,7 @@ STEADY_SLACK = 1.05
 
 class Batch(NamedTuple):
     images: int
-    megapixels: float
+    megapixels: float  # of the model's output
     x: torch.Tensor  # (images, C, H, W) on the actor's device; a gray model gets (3 images, 1, H, W) of colour ones
 
 
@@ -129,8 +133,11 @@ class ScaleCheck:
 
 @dataclass
 class RestoreResult:
+    section: str  # "restore" or "upscale"
+    model: str
+    scale: int  # the model's output is this many times larger than its input a side (1 for the restorers)
     images: int
-    megapixels: float
+    megapixels: float  # of the outputs
     sizes: list[tuple[int, int]]
     source: str
     pool: Pool  # the model actors as `run_restore` sizes them on this cluster
@@ -141,11 +148,16 @@ class RestoreResult:
     limit_driver_peak_mb: float
     ours: RestoreRun
     naive: NaiveRun
-    # A shared VM's speed drifts by tens of percent within minutes, and ours ran minutes after the limit: a shorter
-    # limit loop at the end brackets the runs, so a ratio off by the drift shows as such.
+    # A shared VM's speed drifts by tens of percent within minutes, and ours ran minutes after the limit: the limit
+    # loop again at the end, as long as the first, brackets the runs; the ratios are taken against their mean.
     limit_again: LoopTiming
     ray_startup_s: float | None
     scale_check: ScaleCheck | None = None
+
+    @property
+    def limit_mean_mp_per_s(self) -> float:
+        """The raw model's rate: the mean of the limit loop's before and after the pipelines."""
+        return (self.limit.mp_per_s + self.limit_again.mp_per_s) / 2
 
     @property
     def end_to_end_s(self) -> float:
@@ -159,7 +171,8 @@ class RestoreResult:
     @property
     def steady_over_limit(self) -> bool:
         """A steady state faster than the limit: a measuring artefact, not a rate (see STEADY_SLACK)."""
-        return self.ours.steady.valid and self.ours.steady.work_per_s > STEADY_SLACK * self.limit.mp_per_s
+        fastest = max(self.limit.mp_per_s, self.limit_again.mp_per_s)
+        return self.ours.steady.valid and self.ours.steady.work_per_s > STEADY_SLACK * fastest
 
     @property
     def steady_valid(self) -> bool:
@@ -168,11 +181,13 @@ class RestoreResult:
     @property
     def ratios(self) -> dict[str, float]:
         steady, limit, again = self.ours.steady.work_per_s, self.limit.mp_per_s, self.limit_again.mp_per_s
+        mean = self.limit_mean_mp_per_s
         return {
+            "ours_steady_over_limit_mean": steady / mean,
             "ours_steady_over_limit": steady / limit,
             "limit_again_over_limit": again / limit,
-            "ours_steady_over_limit_mean": steady / ((limit + again) / 2),
-            "ours_end_to_end_over_limit": self.end_to_end_mp_per_s / limit,
+            "ours_run_over_limit_mean": self.ours.mp_per_s / mean,
+            "ours_end_to_end_over_limit_mean": self.end_to_end_mp_per_s / mean,
             "ours_end_to_end_over_naive": self.end_to_end_mp_per_s / self.naive.mp_per_s,
             "ours_run_over_naive": self.ours.mp_per_s / self.naive.mp_per_s,
         }
@@ -182,7 +197,7 @@ class RestoreResult:
 def limit_batches(actor, work: list[WorkImage], batch_size: int) -> list[Batch]:
     """Pre-decoded model inputs: the distinct images decoded as the pipeline decodes them (`codec.decode`), adapted
     to the model's channels as `ModelRunner.restore_array` does, grouped by shape into batches of `batch_size`, in
-    the actor's memory format on its device."""
+    the actor's memory format on its device. A batch's megapixels are its output's (`scale`^2 its input's)."""
     import torch
 
     by_shape: dict[tuple, list[np.ndarray]] = {}
@@ -200,7 +215,7 @@ def limit_batches(actor, work: list[WorkImage], batch_size: int) -> list[Batch]:
             elif actor.channels == 3 and c == 1:
                 x = x.expand(n, 3, h, w)
             x = x.to(actor.device, memory_format=actor.memory_format)
-            batches.append(Batch(n, n * h * w / 1e6, x))
+            batches.append(Batch(n, n * h * w * actor.scale**2 / 1e6, x))
     return batches
 
 
@@ -245,23 +260,23 @@ def _warm_up(actor, batches: list[Batch], every_shape: bool) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------- pipelines
-def _restore_config(config: ThroughputConfig, input_uri: str, out_uri: str):
+def _restore_config(config: ThroughputConfig, model: str, input_uri: str, out_uri: str):
     from restoration.pipelines.restore import RestoreConfig
 
     return RestoreConfig(
-        input=input_uri, output=out_uri, model=config.model, batch_size=config.batch_size, compile=config.compile
+        input=input_uri, output=out_uri, model=model, batch_size=config.batch_size, compile=config.compile
     )
 
 
 def run_ours(
-    config: ThroughputConfig, staged: Staged, out_root: str, keys: list[str], extra_pids: dict[str, int]
+    config: ThroughputConfig, model: str, staged: Staged, out_root: str, keys: list[str], extra_pids: dict[str, int]
 ) -> RestoreRun:
     """`run_restore` over the staged shards, measured: wall time, steady state from `restored_at`, memory, CPU."""
     from restoration.pipelines.restore import run_restore
 
     with ResourceSampler(extra=extra_pids) as sampler:
         started_at = time.time()
-        report = run_restore(_restore_config(config, staged.shards, out_root))
+        report = run_restore(_restore_config(config, model, staged.shards, out_root))
     columns = ["key", "width", "height", "error", "restored_at"]
     written = runs.read_output(report.output, columns, schemas.RESTORE_OUTPUT_SCHEMA)
     out_keys = written.column("key").to_pylist()
@@ -342,32 +357,48 @@ def run_naive(model: str, raw_uri: str, out_uri: str, keys: list[str], threads: 
             buf = io.BytesIO()
             Image.fromarray(restored).save(buf, format="PNG")
             put(key, buf.getvalue())
-            mp_done += image.width * image.height / 1e6
+            mp_done += restored.shape[0] * restored.shape[1] / 1e6  # the output's (an upscaler's is larger)
         seconds, cpu_s = time.perf_counter() - t0, own_cpu() - cpu0
     return NaiveRun(len(keys), mp_done, seconds, cpu_s, 1, threads, sampler.result)
 
 
 # ------------------------------------------------------------------------------------------------------- section
-def bench_restore(config: ThroughputConfig, session: Session, progress: Progress) -> RestoreResult:
-    """Limit, ours, naive, the limit again (and the scale check when asked for)."""
+SECTION_MODELS = {"restore": "model", "upscale": "upscale_model"}  # section -> the config field naming its model
+
+
+def bench_restore(
+    config: ThroughputConfig, session: Session, progress: Progress, section: str = "restore"
+) -> RestoreResult:
+    """Limit, ours, naive, the limit again (and, for the restore section, the scale check when asked for).
+
+    Args:
+        section: "restore" (the restorer on the noisy crops) or "upscale" (the upscaler on the clean ones).
+    """
     import torch
 
-    from restoration.inference import RestoreActor
+    from restoration.inference import RestoreActor, load_restorer, model_scale
     from restoration.pipelines.restore import data_share
 
-    noisy, origin = session.work.noisy, session.work.origin
+    model = getattr(config, SECTION_MODELS[section])
+    inputs = session.work.noisy if section == "restore" else session.work.clean
+    scale = model_scale(load_restorer(model))
+
+    def say(line: str) -> None:
+        progress(f"{section}: {line}")
+
     # The pool `run_restore` sizes, from the share of the CPU decode and encode take next to the model on this image.
-    sample = {"key": noisy[0].key, "image": noisy[0].png}
-    pool = actor_resources(None, None, lambda: data_share(_restore_config(config, "-", "-"), sample))
+    sample = {"key": inputs[0].key, "image": inputs[0].png}
+    share_config = _restore_config(config, model, "-", "-")
+    pool = actor_resources(None, None, lambda: data_share(share_config, sample, scale=scale))
     # The channels of these images (gray here), which pick the model of the family the actor runs.
-    channels = codec.decode(noisy[0].png).pixels.shape[2]
+    channels = codec.decode(inputs[0].png).pixels.shape[2]
 
     def limit_model() -> tuple:
         """The model the pipeline's actor runs on these images (building it sets this process's threads), and the
         pre-decoded batches of the limit loop."""
-        restore_actor = RestoreActor(config.model, threads=pool.threads, precision="auto", compile=config.compile)
+        restore_actor = RestoreActor(model, threads=pool.threads, precision="auto", compile=config.compile)
         actor = restore_actor.runner(channels)
-        return actor, limit_batches(actor, noisy, config.batch_size)
+        return actor, limit_batches(actor, inputs, config.batch_size)
 
     # Calibrate: warm up, time a few batches, and raise the count until the model alone needs the minimum.
     actor, batches = limit_model()
@@ -377,13 +408,14 @@ def bench_restore(config: ThroughputConfig, session: Session, progress: Progress
     count = config.count
     if config.min_model_seconds > 0:
         count = max(count, math.ceil(config.min_model_seconds * calibration.images_per_s))
-    work = repeat_work(noisy, count)
-    progress(
-        f"restore: {count} images ({megapixels(work):.1f} MP); calibration {calibration.mp_per_s:.3f} MP/s, "
+    work = repeat_work(inputs, count)
+    output_mp = megapixels(work) * scale**2
+    say(
+        f"{count} images ({output_mp:.1f} MP out); calibration {calibration.mp_per_s:.3f} MP/s, "
         f"so the model alone needs about {count / calibration.images_per_s:.0f} s"
     )
 
-    progress("restore: limit (raw model loop)")
+    say("limit (raw model loop)")
     reset_peak("self")
     limit = run_limit(actor, batches, count, streams=pool.actors)
     limit_peak = driver_peak_mb()
@@ -392,30 +424,33 @@ def bench_restore(config: ThroughputConfig, session: Session, progress: Progress
     if pool.gpu:
         torch.cuda.empty_cache()
 
-    progress("restore: staging inputs (objects, then shards)")
-    root = storage.join(session.root, "restore")
+    say("staging inputs (objects, then shards)")
+    root = storage.join(session.root, section)
     staged = stage_inputs(work, root, config.shard_mb)
-    progress(f"restore: ours (run_restore over {staged.shard_files} shards)")
+    say(f"ours (run_restore over {staged.shard_files} shards)")
     keys = [w.key for w in work]
-    ours = run_ours(config, staged, storage.join(root, "out"), keys, session.extra_pids)
+    ours = run_ours(config, model, staged, storage.join(root, "out"), keys, session.extra_pids)
 
     naive_keys = keys[: config.naive_count]
     threads = session.default_threads
-    progress(f"restore: naive ({len(naive_keys)} images, sequential, {threads} torch threads)")
-    naive = run_naive(config.model, staged.raw, storage.join(root, "naive"), naive_keys, threads)
+    say(f"naive ({len(naive_keys)} images, sequential, {threads} torch threads)")
+    naive = run_naive(model, staged.raw, storage.join(root, "naive"), naive_keys, threads)
 
-    progress("restore: limit loop again")
+    say("limit loop again, as long as the first")
     actor, batches = limit_model()
     _warm_up(actor, batches, config.compile)
-    limit_again = run_limit(actor, batches, RECHECK_BATCHES * per_batch * pool.actors, streams=pool.actors)
+    limit_again = run_limit(actor, batches, count, streams=pool.actors)
     del batches, actor
     torch.set_num_threads(threads)
 
     return RestoreResult(
+        section=section,
+        model=model,
+        scale=scale,
         images=count,
-        megapixels=megapixels(work),
+        megapixels=output_mp,
         sizes=sorted({(w.height, w.width) for w in work}),
-        source=origin,
+        source=session.work.origin,
         pool=pool,
         calibration=calibration,
         staging=staged,
@@ -426,7 +461,9 @@ def bench_restore(config: ThroughputConfig, session: Session, progress: Progress
         naive=naive,
         limit_again=limit_again,
         ray_startup_s=session.ray_startup_s,
-        scale_check=scale_check(config, session, noisy, progress) if config.scale_check else None,
+        scale_check=scale_check(config, session, inputs, progress)
+        if config.scale_check and section == "restore"
+        else None,
     )
 
 
@@ -438,7 +475,9 @@ def scale_check(config: ThroughputConfig, session: Session, noisy: list[WorkImag
         root = storage.join(session.root, f"scale-{label}")
         progress(f"scale check: ours at {label} = {n} images")
         staged = stage_inputs(work, root, config.shard_mb)
-        ours = run_ours(config, staged, storage.join(root, "out"), [w.key for w in work], session.extra_pids)
+        ours = run_ours(
+            config, config.model, staged, storage.join(root, "out"), [w.key for w in work], session.extra_pids
+        )
         actors = [w for w in ours.resources.top_workers if any("RestoreActor" in r for r in w.roles)]
         scale_runs.append(ScaleRun(n, ours, max((w.peak_anon_mb for w in actors), default=0.0)))
     return ScaleCheck(*scale_runs)

@@ -33,6 +33,7 @@ class ThroughputResult:
     ray_startup_s: float | None  # None when Ray was already up
     ray_started_here: bool
     restore: RestoreResult | None
+    upscale: RestoreResult | None
     synthesis: SynthesisResult | None
     training: TrainingResult | None
     driver_peak_rss_mb_lifetime: float
