@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from restoration import codec
+from restoration import codec, masks
 from restoration.errors import UserError
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -265,13 +265,19 @@ def missing_pixels(image: np.ndarray, fraction: float, rng: np.random.Generator)
     Returns:
         float32 (H, W, C) clipped to [0, 1].
     """
+    return _missing(image, fraction, rng)[0]
+
+
+def _missing(image: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     image = _check_image(image)
     if not 0 <= fraction < 1:
         raise ValueError(f"fraction={fraction!r}: expected a number in [0, 1)")
     h, w, c = image.shape
     out = np.clip(image, 0.0, 1.0).reshape(h * w, c)  # np.clip returns a new array, safe to write into
-    out[rng.choice(h * w, size=round(fraction * h * w), replace=False)] = 0.0
-    return out.reshape(h, w, c)
+    mask = np.zeros(h * w, bool)
+    mask[rng.choice(h * w, size=round(fraction * h * w), replace=False)] = True
+    out[mask] = 0.0
+    return out.reshape(h, w, c), mask.reshape(h, w)
 
 
 def scratches(image: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -287,6 +293,10 @@ def scratches(image: np.ndarray, count: int, rng: np.random.Generator) -> np.nda
     Returns:
         float32 (H, W, C) clipped to [0, 1].
     """
+    return _scratches(image, count, rng)[0]
+
+
+def _scratches(image: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     image = _check_image(image)
     if int(count) != count or count < 0:
         raise ValueError(f"count={count!r}: expected an integer >= 0")
@@ -306,7 +316,49 @@ def scratches(image: np.ndarray, count: int, rng: np.random.Generator) -> np.nda
     out = np.clip(image, 0.0, 1.0)
     out[mask == 255] = 1.0
     out[mask == 0] = 0.0
-    return out
+    return out, mask != 128
+
+
+def holes(image: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Cut free-form brush-stroke holes covering about `fraction` of the image (`masks.free_form`), set to 0.
+
+    Args:
+        image: float (H, W, C).
+        fraction: target coverage in [0, 1).
+        rng: draws the strokes.
+    Returns:
+        float32 (H, W, C) clipped to [0, 1], 0 in the holes.
+    """
+    return _holes(image, fraction, rng)[0]
+
+
+def _holes(image: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    image = _check_image(image)
+    mask = masks.free_form(image.shape[0], image.shape[1], fraction, rng)
+    out = np.clip(image, 0.0, 1.0)
+    out[mask] = 0.0
+    return out, mask
+
+
+def dust_spots(image: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Add `count` dust spots (`masks.spots`: filled ellipses of 1-4 px semi-axes), each white (1.0) or black (0.0).
+
+    Args:
+        image: float (H, W, C).
+        count: number of spots, an integer >= 0.
+        rng: places the spots.
+    Returns:
+        float32 (H, W, C) clipped to [0, 1].
+    """
+    return _spots(image, count, rng)[0]
+
+
+def _spots(image: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    image = _check_image(image)
+    mask, value = masks.spots(image.shape[0], image.shape[1], count, rng)
+    out = np.clip(image, 0.0, 1.0)
+    out[mask] = value[mask][:, None]
+    return out, mask
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -353,6 +405,8 @@ _RULES: dict[str, _Rule] = {
     "lr": _Rule("lr:FACTOR", ((lambda v: _is_int(v) and 2 <= v <= 8, "an integer in 2..8"),), 1),
     "missing": _Rule("missing:FRACTION", ((lambda v: 0 <= v < 1, "a number in [0, 1)"),), 1),
     "scratch": _Rule("scratch:COUNT", ((lambda v: _is_int(v) and v >= 0, "an integer >= 0"),), 1),
+    "holes": _Rule("holes:FRACTION", ((lambda v: 0 <= v < 1, "a number in [0, 1)"),), 1),
+    "spots": _Rule("spots:COUNT", ((lambda v: _is_int(v) and v >= 0, "an integer >= 0"),), 1),
 }
 
 _APPLY: dict[str, Callable[[np.ndarray, tuple[float, ...], np.random.Generator], np.ndarray]] = {
@@ -363,8 +417,13 @@ _APPLY: dict[str, Callable[[np.ndarray, tuple[float, ...], np.random.Generator],
     "jpeg": lambda im, a, rng: jpeg(im, int(a[0])),
     "down": lambda im, a, rng: downscale(im, a[0]),
     "lr": lambda im, a, rng: bicubic_down(im, int(a[0])),
-    "missing": lambda im, a, rng: missing_pixels(im, a[0], rng),
-    "scratch": lambda im, a, rng: scratches(im, int(a[0]), rng),
+}
+# Steps that damage some pixels and leave the rest as they were: each returns (image, mask of what it damaged).
+_DAMAGE: dict[str, Callable[[np.ndarray, tuple[float, ...], np.random.Generator], tuple[np.ndarray, np.ndarray]]] = {
+    "missing": lambda im, a, rng: _missing(im, a[0], rng),
+    "scratch": lambda im, a, rng: _scratches(im, int(a[0]), rng),
+    "holes": lambda im, a, rng: _holes(im, a[0], rng),
+    "spots": lambda im, a, rng: _spots(im, int(a[0]), rng),
 }
 
 SPEC_HELP = """\
@@ -379,6 +438,8 @@ Degradation spec: comma-separated steps applied left to right, each NAME:ARG[:AR
                        bicubic down by FACTOR; the image shrinks, later steps act on it  (lr:4)
   missing:FRACTION     set a FRACTION in [0, 1) of pixels to 0                           (missing:0.3)
   scratch:COUNT        COUNT random 1-3 px scratches, white or black                     (scratch:5)
+  holes:FRACTION       free-form brush strokes (6-20 px) covering about FRACTION, set to 0  (holes:0.25)
+  spots:COUNT          COUNT dust spots (1-4 px ellipses), white or black                (spots:20)
 Example: blur:2,noise:10 blurs, then adds noise; lr:2,noise:5 halves the size, then adds noise.
 "" or "none" means no degradation."""
 
@@ -464,6 +525,19 @@ def apply(image: np.ndarray, spec: str | tuple[Step, ...], rng: np.random.Genera
         float32 (H, W, C), or (H // F, W // F, C) after the modcrop of `lr:F` steps (see lr_factor); only noise and
         lr steps leave values outside [0, 1].
     """
+    return apply_masked(image, spec, rng)[0]
+
+
+def apply_masked(
+    image: np.ndarray, spec: str | tuple[Step, ...], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`apply`, also recording which pixels the damage steps (missing, scratch, holes, spots) replaced.
+
+    Returns:
+        (degraded image as `apply` gives it, bool (H', W') mask of the damaged pixels at the output's size, or None
+        when `spec` has no damage step); after an `lr:F` step a low-resolution pixel is damaged when any pixel of its
+        block was.
+    """
     image = _check_image(image)
     if isinstance(spec, str):
         steps = parse_spec(spec)
@@ -472,10 +546,16 @@ def apply(image: np.ndarray, spec: str | tuple[Step, ...], rng: np.random.Genera
         text = ",".join(str(s) for s in steps)
         for s in steps:
             _check_step(s.name, [float(a) for a in s.args], [_format_number(a) for a in s.args], text)
-    out = image.copy()
+    out, mask = image.copy(), None
     for s in steps:
-        out = _APPLY[s.name](out, s.args, rng)
-    return out
+        if s.name in _DAMAGE:
+            out, damaged = _DAMAGE[s.name](out, s.args, rng)
+            mask = damaged if mask is None else mask | damaged
+        else:
+            out = _APPLY[s.name](out, s.args, rng)
+            if mask is not None and s.name == "lr":
+                mask = masks.block_any(mask, int(s.args[0]))
+    return out, mask
 
 
 # --------------------------------------------------------------------------------------------------------------------
