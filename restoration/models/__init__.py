@@ -6,6 +6,7 @@ family is one line here; nothing is discovered by file name.
 
 from restoration.models.classifier import Classifier, ClassifierConfig
 from restoration.models.dcgan import DCGAN, DCGANConfig
+from restoration.models.inpainter import Inpainter, InpainterConfig
 from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.models.upscaler import Upscaler, UpscalerConfig
 from restoration.models.vae import VAE, VAEConfig
@@ -16,6 +17,7 @@ MODELS: dict[str, tuple[type, type]] = {
     "vae": (VAEConfig, VAE),
     "classifier": (ClassifierConfig, Classifier),
     "upscaler": (UpscalerConfig, Upscaler),
+    "inpainter": (InpainterConfig, Inpainter),
 }
 
 __all__ = ["MODELS", "Restorer", "RestorerConfig"]

@@ -7,7 +7,7 @@
 
 - `launcher.py`: the driver: `TRAINERS` (kind -> config class, presets, loop), `resolve_config`, `dry_run`, `launch`.
 - `worker.py`: what runs inside a Ray Train worker, shared by the families' loops.
-- `restorer.py`, `upscaler.py`, `dcgan.py`, `vae.py`: one family each: its train config, `PRESETS` and `train_loop_per_worker`.
+- `restorer.py`, `upscaler.py`, `inpainter.py`, `dcgan.py`, `vae.py`: one family each: its train config, `PRESETS` and `train_loop_per_worker`.
 - `restorer_core.py`, `gan_core.py`, `vae_core.py`, `patches.py`: the per-step maths in plain PyTorch (no Ray).
 - `classifier.py`: the Fashion-MNIST classifier behind `restoration.fid`, trained in plain PyTorch.
 """

@@ -25,7 +25,7 @@ from typing import Any
 
 from restoration import storage
 from restoration.errors import UserError
-from restoration.train import dcgan, restorer, upscaler, vae
+from restoration.train import dcgan, inpainter, restorer, upscaler, vae
 
 # kind -> (train config class, presets, train_loop_per_worker). Explicit: adding a family is one line.
 TRAINERS: dict[str, tuple[type, dict[str, dict], Callable[[dict], None]]] = {
@@ -33,6 +33,7 @@ TRAINERS: dict[str, tuple[type, dict[str, dict], Callable[[dict], None]]] = {
     "dcgan": (dcgan.DCGANTrainConfig, dcgan.PRESETS, dcgan.train_loop_per_worker),
     "vae": (vae.VAETrainConfig, vae.PRESETS, vae.train_loop_per_worker),
     "upscaler": (upscaler.UpscalerTrainConfig, upscaler.PRESETS, upscaler.train_loop_per_worker),
+    "inpainter": (inpainter.InpainterTrainConfig, inpainter.PRESETS, inpainter.train_loop_per_worker),
 }
 READ_CPUS = 0.5  # CPUs per read task: the workers may hold all but half a core (cluster.train_resources checks)
 
