@@ -2,7 +2,12 @@
 
 Shard contract (any Parquet with these columns is accepted as input):
     key: string (unique, stable), image: binary (encoded PNG/JPEG/...), width: int32, height: int32,
-    label: int32 (labelled sources only), reference: binary (optional clean image for paired evaluation).
+    label: int32 (labelled sources only), reference: binary (optional clean image for paired evaluation),
+    mask: binary (optional encoded image, nonzero = missing, for inpainting).
+
+In a folder (or S3 prefix) of images, `<name>_mask.png` beside `<name>.<ext>` is that image's mask (`pair_masks`): it
+travels in the image's row (ingest writes it as the `mask` column) and is never an input row of its own; a mask with
+no image beside it stays a row, with no image, so that the pipelines report it.
 
 Ingest writes `DEST/part-00000.parquet, part-00001.parquet, ...` (each at most about `shard_mb`), then
 `DEST/_errors.parquet` (key, reason) when some inputs were not readable images, then `DEST/_manifest.json` last.
@@ -30,6 +35,8 @@ from restoration.errors import UserError
 
 SHARD_SCHEMA = pa.schema([("key", pa.string()), ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32())])
 LABELLED_SCHEMA = SHARD_SCHEMA.append(pa.field("label", pa.int32()))
+MASKED_SCHEMA = SHARD_SCHEMA.append(pa.field("mask", pa.binary()))
+MASK_SUFFIX = "_mask.png"
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string())])
 _IDX_RECORD_BYTES = 28 * 28 + 100  # an upper bound for one Fashion-MNIST PNG, used to size idx shards
 _AUTO_RAY_SHARDS = 4  # below this many shards, ingest runs in-process: starting Ray would cost more than it saves
@@ -56,6 +63,8 @@ class ShardPlan:
     items: tuple[sources.FileItem, ...] = ()
     start: int = 0
     stop: int = 0
+    # Folder sources with masks: each item's mask path ("" for none; the item's own path for a mask with no image).
+    masks: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -83,6 +92,36 @@ class IngestReport:
         )
 
 
+def pair_masks(paths: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Tell images from their masks: `<name>_mask.png` beside `<name>.<ext>` (any extension) is that image's mask.
+
+    Args:
+        paths: file paths (or keys) of a folder source, in order.
+    Returns:
+        (inputs, masks): the paths in order without the masks that have an image (a mask without one stays, so that
+        it is reported), and image path -> its mask's path.
+    """
+    by_stem: dict[str, list[str]] = {}
+    for path in paths:
+        folder, _, name = path.rpartition("/")
+        stem = name.rsplit(".", 1)[0] if "." in name else name
+        by_stem.setdefault(f"{folder}/{stem}", []).append(path)
+    masks, paired = {}, set()
+    for path in paths:
+        if path.endswith(MASK_SUFFIX):
+            folder, _, name = path.rpartition("/")
+            for image in by_stem.get(f"{folder}/{name[: -len(MASK_SUFFIX)]}", []):
+                if image != path:
+                    masks[image] = path
+                    paired.add(path)
+    return [p for p in paths if p not in paired], masks
+
+
+def is_orphan_mask(path: str, masks: dict[str, str]) -> bool:
+    """Whether `path`, an input of `pair_masks`, is a mask with no image beside it."""
+    return path.endswith(MASK_SUFFIX) and path not in masks
+
+
 def plan_ingest(src: str, shard_mb: float, split: str = "train") -> tuple[list[ShardPlan], bool]:
     """Split a source into shards of at most `shard_mb` MiB of image bytes.
 
@@ -101,15 +140,26 @@ def plan_ingest(src: str, shard_mb: float, split: str = "train") -> tuple[list[S
             ShardPlan(i, start=s, stop=min(s + per_shard, count)) for i, s in enumerate(range(0, count, per_shard))
         ]
         return plans, True
+    listed = sources.list_folder(src)
+    inputs, mask_of = pair_masks([item.path for item in listed])
+    kept = set(inputs)
+    mask_path = {p: mask_of.get(p, p if is_orphan_mask(p, mask_of) else "") for p in inputs}
     plans, current, size = [], [], 0
-    for item in sources.list_folder(src):
+
+    def plan(items: list) -> ShardPlan:
+        masks = tuple(mask_path[i.path] for i in items) if any(mask_path.values()) else None
+        return ShardPlan(len(plans), items=tuple(items), masks=masks)
+
+    for item in listed:
+        if item.path not in kept:
+            continue
         if current and size + item.size > limit:
-            plans.append(ShardPlan(len(plans), items=tuple(current)))
+            plans.append(plan(current))
             current, size = [], 0
         current.append(item)
         size += item.size
     if current:
-        plans.append(ShardPlan(len(plans), items=tuple(current)))
+        plans.append(plan(current))
     return plans, False
 
 
@@ -123,11 +173,19 @@ def build_shard(
     """
     if plan.items:
         fs, _ = storage.resolve(src)
-        keys, images, widths, heights, errors = [], [], [], [], []
-        for item in plan.items:
+        keys, images, widths, heights, masks, errors = [], [], [], [], [], []
+        for item, mask_path in zip(plan.items, plan.masks or [""] * len(plan.items), strict=True):
+            if mask_path == item.path:
+                stem = posixpath.basename(item.path)[: -len(MASK_SUFFIX)]
+                errors.append((item.key, f"mask: no image {stem}.* beside this mask"))
+                continue
             try:
                 with fs.open_input_stream(item.path) as f:
                     data = f.read()
+                mask = None
+                if mask_path:
+                    with fs.open_input_stream(mask_path) as f:
+                        mask = f.read()  # kept as it is: the pipeline that uses it checks it
             except OSError as e:
                 errors.append((item.key, f"read: {storage.redact(str(e))[:200]}"))
                 continue
@@ -140,6 +198,9 @@ def build_shard(
             images.append(data)
             widths.append(decoded.width)
             heights.append(decoded.height)
+            masks.append(mask)
+        if plan.masks is not None:
+            return pa.table([keys, images, widths, heights, masks], schema=MASKED_SCHEMA), errors
         table = pa.table([keys, images, widths, heights], schema=SHARD_SCHEMA)
         return table, errors
     rows = sources.idx_records(sources.IdxSource(src, split), plan.start, plan.stop)
@@ -151,7 +212,7 @@ def build_shard(
 def table_to_parquet(table: pa.Table) -> bytes:
     """Serialise a table as one Parquet file in memory. Image bytes are already compressed: store them as they are."""
     buf = io.BytesIO()
-    compression = {name: ("NONE" if name in ("image", "reference") else "ZSTD") for name in table.column_names}
+    compression = {name: ("NONE" if name in ("image", "reference", "mask") else "ZSTD") for name in table.column_names}
     rows = max(1, min(1024, ROW_GROUP_BYTES * table.num_rows // max(table.nbytes, 1)))  # groups of <= ROW_GROUP_BYTES
     pq.write_table(table, buf, compression=compression, row_group_size=rows)
     return buf.getvalue()
@@ -293,7 +354,8 @@ class Input:
 
     uri: str
     kind: str  # "parquet" (input shards) or "images" (raw image objects)
-    files: tuple[str, ...]
+    files: tuple[str, ...]  # image objects: without the masks that have an image (`pair_masks`)
+    masks: tuple[tuple[str, str], ...] = ()  # image objects: (image path, its mask's path)
 
 
 def resolve_input(uri: str | Input) -> Input:
@@ -301,6 +363,9 @@ def resolve_input(uri: str | Input) -> Input:
     if isinstance(uri, Input):
         return uri
     kind, files = input_files(uri)
+    if kind == "images" and len(files) > 1:
+        files, masks = pair_masks(files)
+        return Input(uri, kind, tuple(files), tuple(masks.items()))
     return Input(uri, kind, tuple(files))
 
 
@@ -363,7 +428,12 @@ def first_row(uri: str | Input, extra_columns: tuple[str, ...] = ()) -> dict | N
             return shard.read_row_group(0, columns=wanted).slice(0, 1).to_pylist()[0]
     base = _key_base(fs, root)
     with fs.open_input_file(files[0]) as f:
-        return {"key": files[0][len(base) + 1 :], "image": f.read()}
+        row = {"key": files[0][len(base) + 1 :], "image": f.read()}
+    mask = dict(src.masks).get(files[0]) if "mask" in extra_columns else None
+    if mask is not None:
+        with fs.open_input_file(mask) as f:
+            row["mask"] = f.read()
+    return row
 
 
 # Without a validation set, one image in HOLDOUT_EVERY (chosen by a CRC of its key) is held out of training.
@@ -428,8 +498,38 @@ def read_images(
         if not files:
             return ray.data.from_arrow(pa.table({"key": pa.array([], pa.string()), "image": pa.array([], pa.binary())}))
     ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True, **remote)
+    if "mask" in extra_columns:
+        masks = {"start": len(base) + 1, "uri": uri, "masks": dict(src.masks)}
+        return ds.map_batches(image_rows, fn_kwargs=masks, batch_format="pyarrow", **remote)
     return ds.map_batches(
         lambda t: pa.table({"key": pc.utf8_slice_codeunits(t["path"], len(base) + 1), "image": t["bytes"]}),
         batch_format="pyarrow",
         **remote,
     )
+
+
+def image_rows(batch: pa.Table, start: int, uri: str, masks: dict[str, str]) -> pa.Table:
+    """Rows `key`, `image`, `mask` of image objects as `read_binary_files` gives them (`path`, `bytes`).
+
+    Args:
+        start: where the key starts in a path (after the input folder and its '/').
+        uri: the input, whose filesystem the masks are read from.
+        masks: image path -> its mask's path (`pair_masks`). A mask travels in its image's row (b"" when it cannot be
+            read, so that the row fails on it); a mask with no image is a row with the mask and no image.
+    """
+    fs, _ = storage.resolve(uri)
+    images, mask_bytes = [], []
+    for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist(), strict=True):
+        orphan = is_orphan_mask(path, masks)
+        images.append(None if orphan else data)
+        mask = data if orphan else None
+        if path in masks:
+            try:
+                with fs.open_input_stream(masks[path]) as f:
+                    mask = f.read()
+            except OSError:
+                mask = b""
+        mask_bytes.append(mask)
+    keys = [p[start:] for p in batch.column("path").to_pylist()]
+    columns = {"key": (keys, pa.string()), "image": (images, pa.binary()), "mask": (mask_bytes, pa.binary())}
+    return pa.table({name: pa.array(values, kind) for name, (values, kind) in columns.items()})

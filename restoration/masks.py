@@ -1,4 +1,4 @@
-"""Damage masks as pure functions: free-form brush strokes (holes to inpaint) and dust spots.
+"""Damage masks as pure functions: free-form brush strokes (holes to inpaint) and dust spots; a user's mask file.
 
 A mask is a bool array (H, W), True where a pixel is missing or damaged. Random functions take an explicit
 ``rng: np.random.Generator`` and nothing else random, so ``(shape, arguments, seed)`` always gives the same mask.
@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from restoration import codec, metrics
 
 BRUSH_WIDTH = (6, 20)  # stroke width in pixels, drawn uniformly per stroke
 SEGMENT_LENGTH = (10, 50)  # segment length in pixels
@@ -93,8 +95,46 @@ def spots(height: int, width: int, count: int, rng: np.random.Generator) -> tupl
     return drawn != 128, (drawn == 255).astype(np.float32)
 
 
+def union(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    """The pixels missing in either (H, W) mask; None stands for no mask."""
+    return b if a is None else a if b is None else a | b
+
+
 def block_any(mask: np.ndarray, factor: int) -> np.ndarray:
     """A (H, W) mask at 1/`factor` of its size (after cropping to multiples of it): a pixel is damaged when any pixel
     of its block was, so a mask survives an `lr:F` step."""
     h, w = mask.shape[0] // factor, mask.shape[1] // factor
     return mask[: h * factor, : w * factor].reshape(h, factor, w, factor).any(axis=(1, 3))
+
+
+def decode(data: bytes | None, size: tuple[int, int], max_pixels: int = codec.DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A mask file (any image Pillow reads; nonzero in any channel = missing, alpha ignored) for an image of `size`.
+
+    Args:
+        data: the encoded mask.
+        size: the image's (H, W); the mask must have it.
+        max_pixels: as for `codec.decode`.
+    Returns:
+        bool (H, W), True where a pixel is missing.
+    Raises:
+        codec.DecodeError naming what is wrong: unreadable, or another size than the image's.
+    """
+    decoded = codec.decode(data or b"", max_pixels=max_pixels)
+    if (decoded.height, decoded.width) != tuple(size):
+        raise codec.DecodeError(
+            f"mask is {decoded.width}x{decoded.height} pixels, the image {size[1]}x{size[0]}: expected the same size"
+        )
+    return decoded.pixels.max(axis=2) > 0
+
+
+def psnr_inside(image: np.ndarray, reference: np.ndarray, raw: bytes | None) -> float | None:
+    """PSNR of `image` against `reference` (H, W, C) inside a stage row's mask (raw uint8 (H, W), 1 = missing).
+
+    Returns:
+        dB, or None without a mask, with an empty one, or with one of another size (an upscaler's output).
+    """
+    h, w = image.shape[:2]
+    if raw is None or len(raw) != h * w:
+        return None
+    inside = np.frombuffer(raw, np.uint8).reshape(h, w).astype(bool)
+    return metrics.psnr(image[inside], reference[inside]) if inside.any() else None

@@ -37,6 +37,7 @@ STAGE_SCHEMA = pa.schema(
         ("icc_profile", pa.binary()),  # the source's colour profile, embedded in the output (codec.icc_for)
         ("input_height", pa.int32()),  # the model's input size; `height`/`width` become the output's (upscalers)
         ("input_width", pa.int32()),
+        ("mask", pa.binary()),  # raw uint8 (H, W) of the model's input, 1 = missing (inpainting), null when none
     ]
 )
 RESTORE_OUTPUT_SCHEMA = pa.schema(
@@ -62,6 +63,7 @@ RESTORE_OUTPUT_SCHEMA = pa.schema(
         ("file", pa.string()),  # with --format files/both: the image file written, relative to the run folder
         ("input_width", pa.int32()),  # the size of the image the model saw: `width`/`height` times less for an
         ("input_height", pa.int32()),  # upscaler, the same otherwise
+        ("hole_psnr", pa.float64()),  # PSNR inside the row's mask (given or made by --degrade), with a reference
     ]
 )
 

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from restoration import cluster, codec, data, degrade, files, metrics, runs, schemas
+from restoration import cluster, codec, data, degrade, files, masks, metrics, runs, schemas
 from restoration.cluster import DATA_TASK_CPUS
 from restoration.errors import UserError
 
@@ -109,9 +109,10 @@ def decode_batch(
 
     Args:
         batch: rows with `key`, `image` (encoded bytes) and optionally `reference` (encoded clean image, `scale`
-            times the image's size).
+            times the image's size) and `mask` (encoded, nonzero = missing, the image's size: `masks.decode`).
         degradation: spec applied to each decoded image, seeded by (seed, key); the clean image becomes the reference
-            (cropped to a multiple of the spec's `lr:F` factor, which shrinks the image F times).
+            (cropped to a multiple of the spec's `lr:F` factor, which shrinks the image F times) and what its damage
+            steps replaced joins the row's mask.
         max_pixels: the most pixels an image, and the model's output (`scale`^2 times more), may have.
         scale: the model's output is this many times larger than its input (an upscaler); 1 for the restorers.
 
@@ -125,9 +126,13 @@ def decode_batch(
     keys = batch.column("key").to_pylist()
     images = batch.column("image").to_pylist()
     refs = batch.column("reference").to_pylist() if "reference" in batch.column_names else [None] * len(keys)
+    given_masks = batch.column("mask").to_pylist() if "mask" in batch.column_names else [None] * len(keys)
     rows = []
-    for key, encoded, ref in zip(keys, images, refs, strict=True):
+    for key, encoded, ref, given in zip(keys, images, refs, given_masks, strict=True):
         t0 = time.perf_counter()
+        if encoded is None and given is not None:
+            rows.append(_error_row(key, "mask: a mask without an image (no <name>.<ext> beside <name>_mask.png)"))
+            continue
         try:
             decoded = codec.decode(encoded or b"", max_pixels=max_pixels)
         except codec.DecodeError as e:
@@ -135,6 +140,11 @@ def decode_batch(
             continue
         pixels, reference, alpha = decoded.pixels, None, decoded.alpha
         h, w, c = pixels.shape
+        try:
+            mask = masks.decode(given, (h, w), max_pixels) if given is not None else None  # True = missing
+        except codec.DecodeError as e:
+            rows.append(_error_row(key, f"mask: {e}", 1e3 * (time.perf_counter() - t0)))
+            continue
         try:
             if ref is not None:
                 reference = codec.decode(ref, max_pixels=max_pixels * scale * scale).pixels
@@ -146,7 +156,9 @@ def decode_batch(
             if steps:
                 reference = degrade.modcrop(pixels, shrink)
                 alpha = degrade.modcrop(alpha, shrink) if alpha is not None else None  # the output's size
-                pixels = degrade.apply(pixels, steps, degrade.rng_for(seed, key)).astype(np.float32, copy=False)
+                pixels, damaged = degrade.apply_masked(pixels, steps, degrade.rng_for(seed, key))
+                pixels = pixels.astype(np.float32, copy=False)
+                mask = masks.union(masks.block_any(mask, shrink) if mask is not None else None, damaged)
                 h, w, c = pixels.shape
         except (codec.DecodeError, ValueError) as e:
             rows.append(_error_row(key, f"reference: {e}" if not steps else f"degrade: {e}"))
@@ -178,6 +190,7 @@ def decode_batch(
                 "icc_profile": decoded.icc_profile,
                 "input_height": h,
                 "input_width": w,
+                "mask": mask.astype(np.uint8).tobytes() if mask is not None else None,
             }
         )
     return pa.Table.from_pylist(rows, schema=schemas.STAGE_SCHEMA)
@@ -253,6 +266,7 @@ def encode_batch(batch: pa.Table, model: str, model_sha256: str | None, run_id: 
                     result.update(
                         psnr=metrics.psnr(delivered, reference),
                         ssim=None if small else metrics.ssim(delivered, reference),
+                        hole_psnr=masks.psnr_inside(delivered, reference, row.get("mask")),
                     )
             except Exception as e:  # noqa: BLE001 - becomes the row's error
                 result.update(image=None, error=f"encode: {type(e).__name__}: {str(e)[:200]}")
@@ -370,10 +384,11 @@ class RestoreReport:
     mean_psnr: float | None = None
     mean_ssim: float | None = None
     mean_input_psnr: float | None = None
+    mean_hole_psnr: float | None = None  # inside the rows' masks (inpainting; damage made by --degrade)
     model: str = ""
     model_sha256: str = ""  # "" when --model is a family: `models` names each model used
     models: dict = field(default_factory=dict)  # model label -> {"sha256", "rows"} over the restored rows
-    model_applied: dict = field(default_factory=dict)  # "native" / "per-channel" / "replicated" -> rows
+    model_applied: dict = field(default_factory=dict)  # "native" / "per-channel" / ... / "no-mask" (unchanged) -> rows
     duplicates: int = 0  # output rows whose key another output row already has (0 unless something is wrong)
     # Where `seconds` went: "setup" (models, Ray, input listing), "write" (the streaming pipeline, from the first
     # read to the last Parquet file), "commit" (staging -> run folder), "summary" (reading the output back for this
@@ -397,7 +412,10 @@ def _models_used(written: pa.Table) -> dict:
     for name, sha, applied in zip(
         *(written.column(c).to_pylist() for c in ("model", "model_sha256", "model_applied")), strict=True
     ):
-        if applied is not None:  # restored by that model (rows that failed before restoring name the run's model)
+        if applied not in (
+            None,
+            "no-mask",
+        ):  # restored by that model (rows that failed before restoring name the run's model)
             entry = used.setdefault(name, {"sha256": sha, "rows": 0})
             entry["rows"] += 1
     return used
@@ -439,7 +457,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         config.workers, config.gpu, lambda: data_share(config, data.first_row(source, ("reference",)), loaded, scale)
     )
     stage = {"batch_format": "pyarrow", "batch_size": config.batch_size, "num_cpus": DATA_TASK_CPUS}
-    ds = data.read_images(source, extra_columns=("reference",), num_cpus=DATA_TASK_CPUS)
+    ds = data.read_images(source, extra_columns=("reference", "mask"), num_cpus=DATA_TASK_CPUS)
     ds.context.target_max_block_size = BLOCK_BYTES  # this run's own copy of the context
     if run.done:
         done = ray.put(pa.array(sorted(run.done), pa.string()))
@@ -508,7 +526,7 @@ def _report(
         phases: the `time.perf_counter()` readings at which the run, its write, its commit and this summary began.
         extra: added to the report's config (the pool's size and kind).
     """
-    columns = ["key", "width", "height", "psnr", "ssim", "input_psnr", "error", "model", "model_sha256"]
+    columns = ["key", "width", "height", "psnr", "ssim", "input_psnr", "hole_psnr", "error", "model", "model_sha256"]
     written = runs.read_output(run.rows_uri, [*columns, "model_applied"], OUTPUT_SCHEMA)
     if config.format == "files":
         runs.write_errors(run.out_uri, written.filter(pc.is_valid(written.column("error"))).select(["key", "error"]))
@@ -539,6 +557,7 @@ def _report(
         mean_psnr=mean("psnr"),
         mean_ssim=mean("ssim"),
         mean_input_psnr=mean("input_psnr"),
+        mean_hole_psnr=mean("hole_psnr"),
         model=model,
         model_sha256=sha256 or "",
         models=_models_used(written),
