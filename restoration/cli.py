@@ -170,8 +170,10 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         default="denoise",
         help="denoise or restore (the gray or colour variant per image, from its mode), upscale (super-resolution by "
-        "--scale; colour images on their luma), or a bundled model name (denoise-gray, denoise-color, restore-gray, "
-        "restore-color, upscale-gray-x2/x3/x4), model file path or s3:// URI; default denoise",
+        "--scale; colour images on their luma), inpaint (fill each image's mask: a `mask` column, <name>_mask.png "
+        "beside <name>.<ext>, or --degrade holes:F; unmasked pixels kept exactly), or a bundled model name "
+        "(denoise-gray, denoise-color, restore-gray, restore-color, upscale-gray-x2/x3/x4, inpaint-gray), model file "
+        "path or s3:// URI; default denoise",
     )
     p.add_argument(
         "--scale",

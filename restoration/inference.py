@@ -42,8 +42,9 @@ MODEL_FAMILIES = {
     "restore": ("restore-gray", "restore-color"),
     "upscale": ("upscale-gray-x{scale}", "upscale-gray-x{scale}"),
 }
+    "inpaint": ("inpaint-gray", "inpaint-gray"),  # colour images: each channel with the same mask
 SCALES = (2, 3, 4)  # the bundled upscalers' factors
-RESTORING_KINDS = ("restorer", "upscaler")  # model kinds that map an image to a restored one
+RESTORING_KINDS = ("restorer", "upscaler", "inpainter")  # model kinds that map an image to a restored one
 
 
 def models_by_channels(model: str, scale: int | None = None) -> dict[int, str]:
@@ -136,6 +137,7 @@ class ModelRunner:
             self.net = torch.compile(self.net)
         self.channels = self.loaded.config.channels
         # The overlap is the context each tile sees beyond the part it keeps: at least the receptive radius makes
+        self.masked = self.loaded.kind == "inpainter"  # takes the row's mask as one more input channel
         # tiled output equal to whole-image output; tiles align to the model's internal downscale.
         self.tile = tile
         self.overlap = max(overlap, getattr(net, "receptive_radius", 0))
@@ -154,13 +156,18 @@ class ModelRunner:
             return "luma" if self.scale > 1 else "per-channel"
         return "replicated"
 
-    def restore_array(self, images: np.ndarray) -> np.ndarray:
+    def restore_array(self, images: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
         """Restore (N, H, W, C) float images with the model, adapting channels (see the module docstring).
 
         Returns:
+        Args:
+            masks: an inpainter's bool (N, H, W), True = missing; the output keeps every other pixel of `images` as
+                it is, bit for bit (whatever tiling, bf16 or the ensemble did to the model's own composite).
             (N, s H, s W, C) float32 in [0, 1], s the model's scale (1 for the restorers).
         """
         n, h, w, c = images.shape
+        if self.masked:
+            return self._inpaint(images, masks)
         s = self.scale
         x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # (N, C, H, W)
         if self.applied(c) == "luma":
@@ -184,6 +191,23 @@ class ModelRunner:
             return y.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
     def forward(self, x):
+    def _inpaint(self, images: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
+        n, h, w, c = images.shape
+        if masks is None or masks.shape != (n, h, w):
+            raise ValueError(f"an inpainter needs a (N, H, W) = {(n, h, w)} mask, got {getattr(masks, 'shape', None)}")
+        x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # (N, C, H, W)
+        m = torch.from_numpy(masks[:, None].astype(np.float32))  # (N, 1, H, W)
+        if self.channels == 1 and c == 3:
+            x, m = x.reshape(n * 3, 1, h, w), m.repeat_interleave(3, 0)  # every channel, with the image's mask
+        elif self.channels == 3 and c == 1:
+            x = x.expand(n, 3, h, w)
+        x = torch.cat([x, m], 1).to(self.device, memory_format=self.memory_format)  # (B, C' + 1, H, W)
+        with torch.inference_mode():
+            y = self.forward(x).float()
+            y = y.reshape(n, c, h, w) if self.channels == 1 else y.mean(1, keepdim=True) if c == 1 else y
+            y = y.clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        return np.where(masks[..., None], y, images)  # (N, H, W, C): the known pixels are the input's own values
+
         """The model on a (B, C, H, W) batch on its device, in its memory format: tiled when larger than the tile, and
         on CPUs in slices of at most CPU_FORWARD_PIXELS pixels; averaged over the 8 orientations with `ensemble`.
         Call it under `torch.inference_mode()`."""
@@ -264,11 +288,22 @@ class RestoreActor:
             runner = self.runner(c)
             used = {"model": runner.label, "model_sha256": runner.loaded.sha256, "model_applied": runner.applied(c)}
             try:
+            if runner.masked:  # an inpainter leaves an image without a mask as it is, and says so
+                unmasked = [i for i in idx if rows[i]["mask"] is None]
+                for i in unmasked:
+                    pixels = codec.as_float(codec.from_raw(rows[i]["pixels"], h, w, c))
+                    rows[i].update(used, model_applied="no-mask", pixels=pixels.tobytes(), restored_at=time.time())
+                idx = [i for i in idx if rows[i]["mask"] is not None]
+                if not idx:
+                    continue
                 stack = np.empty((len(idx), h, w, c), np.float32)  # (N, H, W, C), filled without temporaries
                 for j, i in enumerate(idx):
                     codec.into_float(codec.from_raw(rows[i]["pixels"], h, w, c), stack[j])
                 with torch.inference_mode():
-                    out = runner.restore_array(stack)  # (N, H, W, C) float
+                holes = None
+                if runner.masked:  # (N, H, W) bool, True = missing
+                    holes = np.stack([np.frombuffer(rows[i]["mask"], np.uint8).reshape(h, w) for i in idx]) > 0
+                    out = runner.restore_array(stack, holes)  # (N, H, W, C) float
                 per_row_ms = 1e3 * (time.perf_counter() - t0) / len(idx)
                 done_at = time.time()
                 for j, i in enumerate(idx):  # float32: quantising is the encode tasks' work, off the model's core
@@ -281,9 +316,9 @@ class RestoreActor:
                     rows[i].update(used, pixels=None, error=f"restore: {type(e).__name__}: {str(e)[:200]}")
         return pa.Table.from_pylist(rows, schema=schemas.STAGE_SCHEMA)
 
-    def restore_array(self, images: np.ndarray) -> np.ndarray:
+    def restore_array(self, images: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
         """Restore (N, H, W, C) float images with the model for C channels (see `ModelRunner.restore_array`)."""
-        return self.runner(images.shape[3]).restore_array(images)
+        return self.runner(images.shape[3]).restore_array(images, masks)
 
 
 def load_generator(name_or_path: str, mode: str):
