@@ -4,7 +4,8 @@ Tests that need neither never start them (the fixtures are lazy), and tests that
 checkout; on a clone without it, the same tests run on photos that ship inside scikit-image, converted to match.
 Fashion-MNIST comes from the Debian package that `make test` installs; every test that needs it takes the
 `fashion_mnist` fixture, which skips with the same reason where the package is missing. The datasets that several
-modules train on or read back (Train400, the Fashion-MNIST test split) are ingested once per session.
+modules train on or read back (Train400, the Fashion-MNIST test split) are ingested once per session, and the small
+DnCNN that two modules need trained (one checks that it learned, the other restores with it) is trained once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ FASHION_MNIST_REASON = "needs the Debian package dataset-fashion-mnist (make tes
 
 # Fixtures that start a real component (the S3 server, a local Ray, a two-node cluster) or train a model take seconds to
 # tens of seconds: a test that uses one is `slow`, so `make test-fast` runs the pure-Python tests alone.
-SLOW_FIXTURES = {"s3", "ray_cluster", "cluster", "train400_shards", "fmnist_test_shards", "trained_model"}
+SLOW_FIXTURES = {"s3", "ray_cluster", "cluster", "train400_shards", "fmnist_test_shards", "trained_restorer"}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -169,3 +170,48 @@ def vae_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("models") / "vae.pt"
     save_model(path, "vae", model.config, model)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """An untrained but real restorer file, 4 layers of 8 channels (shape and plumbing tests)."""
+    from restoration.checkpoint import save_model
+    from restoration.models.restorer import Restorer, RestorerConfig
+
+    path = tmp_path_factory.mktemp("models") / "tiny.pt"
+    model = Restorer(RestorerConfig(depth=4, width=8))
+    save_model(path, "restorer", model.config, model)
+    return str(path)
+
+
+@dataclass(frozen=True)
+class TrainedRestorer:
+    """The session's trained DnCNN: its model file and `fit_restorer`'s history."""
+
+    path: str
+    history: dict
+    steps: int
+
+
+@pytest.fixture(scope="session")
+def trained_restorer(tmp_path_factory, train400) -> TrainedRestorer:
+    """A 7-layer, 32-wide DnCNN trained for 40 steps at σ = 25 on 40x40 patches of 200 Train400 images, from seeded
+    initial weights (about +5 dB on Set12): test_restorer_learns.py checks that it learned, test_restore_pipeline.py
+    restores with it."""
+    import torch
+
+    from restoration.checkpoint import save_model
+    from restoration.models.restorer import Restorer, RestorerConfig
+    from restoration.sources import load_images
+    from restoration.train.restorer_core import FitConfig, NoiseSpec, fit_restorer
+
+    steps = 40
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Restorer(RestorerConfig(depth=7, width=32))
+    images = load_images(train400, channels=1, limit=200)
+    config = FitConfig(patch_size=40, batch_size=32, lr=2e-3, steps=steps, noise=NoiseSpec(25.0))
+    history = fit_restorer(model, images, config)
+    path = tmp_path_factory.mktemp("models") / "trained.pt"
+    save_model(path, "restorer", model.config, model, meta={"trained_steps": steps})
+    return TrainedRestorer(str(path), history, steps)

@@ -18,18 +18,8 @@ from restoration.bench import throughput
 from restoration.bench.throughput import ThroughputConfig, sampler, work
 from restoration.bench.throughput.restore import STEADY_SLACK, limit_batches, run_limit
 from restoration.bench.throughput.sampler import ResourceSampler, steady_cpu
-from restoration.checkpoint import save_model
 from restoration.inference import RestoreActor
-from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.pipelines.restore import decode_batch, encode_batch
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("models") / "tiny.pt"
-    model = Restorer(RestorerConfig(depth=3, width=8))
-    save_model(path, "restorer", model.config, model)
-    return str(path)
 
 
 # --------------------------------------------------------------------------------------------- parts, no Ray

@@ -16,14 +16,10 @@ import skimage.data
 from PIL import Image
 
 from restoration import codec, data, metrics, storage
-from restoration.checkpoint import save_model
 from restoration.codec import from_raw as stage_pixels
 from restoration.inference import ModelRunner, RestoreActor, load_restorer
-from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.pipelines.restore import OUTPUT_SCHEMA, RestoreConfig, decode_batch, encode_batch, run_restore
 from restoration.runs import read_output
-from restoration.sources import load_images
-from restoration.train.restorer_core import FitConfig, NoiseSpec, fit_restorer
 
 
 def png_bytes(image: Image.Image, **kwargs) -> bytes:
@@ -34,32 +30,6 @@ def png_bytes(image: Image.Image, **kwargs) -> bytes:
 
 def decode_png(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """An untrained but real restorer file (shape and plumbing tests)."""
-    path = tmp_path_factory.mktemp("models") / "tiny.pt"
-    model = Restorer(RestorerConfig(depth=4, width=8))
-    save_model(path, "restorer", model.config, model)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def trained_model(tmp_path_factory, train400) -> str:
-    """A small DnCNN trained here for 40 steps on Train400 patches at σ = 25 (about +5 dB on Set12)."""
-    import torch
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = Restorer(RestorerConfig(depth=7, width=32))
-    images = load_images(train400, channels=1, limit=200)
-    config = FitConfig(patch_size=40, batch_size=32, lr=2e-3, steps=40, noise=NoiseSpec(25.0))
-    history = fit_restorer(model, images, config)
-    assert history["steps"] == 40
-    path = tmp_path_factory.mktemp("models") / "trained.pt"
-    save_model(path, "restorer", model.config, model, meta={"trained_steps": 40})
-    return str(path)
 
 
 # --------------------------------------------------------------------------------------------- stages, no Ray
@@ -208,7 +178,8 @@ def test_model_actors_take_niceness_0_from_ray_and_a_driver_keeps_its_own(ray_cl
     assert os.getpriority(os.PRIO_PROCESS, 0) == driver
 
 
-def test_set12_noise25_restored_by_a_model_trained_in_the_test(s3, ray_cluster, set12, trained_model):
+def test_set12_noise25_restored_by_a_model_trained_in_the_test(s3, ray_cluster, set12, trained_restorer):
+    trained_model = trained_restorer.path  # 40 steps on Train400 (conftest), about +5 dB on Set12
     shards = s3.uri("e2e", "set12")
     data.ingest(str(set12), shards)
     out = s3.uri("e2e", "restored")

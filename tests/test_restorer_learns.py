@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from restoration.models.restorer import Restorer, RestorerConfig
-from restoration.sources import datasets_dir, load_images
+from restoration.sources import load_images
 from restoration.train.patches import PatchSampler
 from restoration.train.restorer_core import (
     FitConfig,
@@ -25,28 +25,11 @@ from restoration.train.restorer_core import (
     restorer_step,
 )
 
-DATASETS = datasets_dir()
-
 
 def _gray(array: np.ndarray) -> np.ndarray:
     """uint8 photo (H, W) or (H, W, 3) -> float32 (H, W, 1) in [0, 1], gray by Pillow's "L" like `load_images`."""
     image = Image.fromarray(array)
     return (np.asarray(image.convert("L"), dtype=np.float32) / 255.0)[:, :, None]
-
-
-def _train_images() -> list[np.ndarray]:
-    """Train400 (the DnCNN training set) when it is beside the checkout, otherwise photos shipped in scikit-image."""
-    if (DATASETS / "Train400").is_dir():
-        return load_images(DATASETS / "Train400")
-    photos = ["camera", "coins", "moon", "page", "text", "astronaut", "rocket", "immunohistochemistry"]
-    return [_gray(getattr(skimage.data, name)()) for name in photos]
-
-
-def _held_out_images() -> list[np.ndarray]:
-    """Four Set12 images when available, otherwise scikit-image photos that `_train_images` does not use."""
-    if (DATASETS / "Set12").is_dir():
-        return load_images(DATASETS / "Set12")[:4]
-    return [_gray(getattr(skimage.data, name)()) for name in ("chelsea", "clock", "brick", "coffee")]
 
 
 def _camera() -> np.ndarray:
@@ -312,21 +295,22 @@ def test_fit_restorer_stops_at_the_time_budget_and_anneals_to_it(monkeypatch):
     )
 
 
-@pytest.mark.slow
-def test_small_dncnn_learns_to_denoise_held_out_images():
-    """Train a 7-layer, 32-wide DnCNN for 40 steps at σ=25; held-out PSNR must rise by at least 3 dB over the input."""
-    train, held_out = _train_images(), _held_out_images()
-    model = _small_restorer(depth=7, width=32)
+def test_small_dncnn_learns_to_denoise_held_out_images(trained_restorer, set12):
+    """The session's 7-layer, 32-wide DnCNN after 40 steps at σ=25 on Train400 patches (conftest, shared with the
+    restore pipeline's end-to-end test): held-out PSNR must rise by at least 3 dB over the input."""
+    from restoration.checkpoint import load_model
+
+    history = trained_restorer.history
+    model = load_model(trained_restorer.path, expected_kind="restorer").module
+    held_out = load_images(set12)[:4]
     noise = NoiseSpec(sigma=25.0)
-    config = FitConfig(patch_size=40, batch_size=32, lr=2e-3, steps=40, noise=noise)
-    history = fit_restorer(model, train, config)
     result = evaluate_psnr(model, held_out, noise, seed=0, max_side=256)
     first, last = np.mean(history["loss"][:10]), np.mean(history["loss"][-10:])
     print(
-        f"\n{len(train)} training images, {history['steps']} steps in {history['seconds']:.1f} s; "
+        f"\n{history['steps']} steps in {history['seconds']:.1f} s; "
         f"loss {first:.5f} -> {last:.5f}; held-out PSNR {result['psnr_input']:.2f} dB (noisy) -> "
         f"{result['psnr']:.2f} dB (restored), +{result['psnr'] - result['psnr_input']:.2f} dB"
     )
-    assert history["steps"] == 40 and history["stopped"] == "steps"
+    assert history["steps"] == trained_restorer.steps == 40 and history["stopped"] == "steps"
     assert last < first
     assert result["psnr"] >= result["psnr_input"] + 3.0
