@@ -41,8 +41,8 @@ MODEL_FAMILIES = {
     "denoise": ("denoise-gray", "denoise-color"),
     "restore": ("restore-gray", "restore-color"),
     "upscale": ("upscale-gray-x{scale}", "upscale-gray-x{scale}"),
-}
     "inpaint": ("inpaint-gray", "inpaint-gray"),  # colour images: each channel with the same mask
+}
 SCALES = (2, 3, 4)  # the bundled upscalers' factors
 RESTORING_KINDS = ("restorer", "upscaler", "inpainter")  # model kinds that map an image to a restored one
 
@@ -136,8 +136,8 @@ class ModelRunner:
             dynamo.config.suppress_errors = True  # a compiler failure falls back to eager, not an error row
             self.net = torch.compile(self.net)
         self.channels = self.loaded.config.channels
-        # The overlap is the context each tile sees beyond the part it keeps: at least the receptive radius makes
         self.masked = self.loaded.kind == "inpainter"  # takes the row's mask as one more input channel
+        # The overlap is the context each tile sees beyond the part it keeps: at least the receptive radius makes
         # tiled output equal to whole-image output; tiles align to the model's internal downscale.
         self.tile = tile
         self.overlap = max(overlap, getattr(net, "receptive_radius", 0))
@@ -159,15 +159,15 @@ class ModelRunner:
     def restore_array(self, images: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
         """Restore (N, H, W, C) float images with the model, adapting channels (see the module docstring).
 
-        Returns:
         Args:
             masks: an inpainter's bool (N, H, W), True = missing; the output keeps every other pixel of `images` as
                 it is, bit for bit (whatever tiling, bf16 or the ensemble did to the model's own composite).
+        Returns:
             (N, s H, s W, C) float32 in [0, 1], s the model's scale (1 for the restorers).
         """
-        n, h, w, c = images.shape
         if self.masked:
             return self._inpaint(images, masks)
+        n, h, w, c = images.shape
         s = self.scale
         x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # (N, C, H, W)
         if self.applied(c) == "luma":
@@ -190,7 +190,6 @@ class ModelRunner:
                 y = y.mean(dim=1, keepdim=True)
             return y.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
-    def forward(self, x):
     def _inpaint(self, images: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
         n, h, w, c = images.shape
         if masks is None or masks.shape != (n, h, w):
@@ -208,6 +207,7 @@ class ModelRunner:
             y = y.clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return np.where(masks[..., None], y, images)  # (N, H, W, C): the known pixels are the input's own values
 
+    def forward(self, x):
         """The model on a (B, C, H, W) batch on its device, in its memory format: tiled when larger than the tile, and
         on CPUs in slices of at most CPU_FORWARD_PIXELS pixels; averaged over the 8 orientations with `ensemble`.
         Call it under `torch.inference_mode()`."""
@@ -287,7 +287,6 @@ class RestoreActor:
             t0 = time.perf_counter()
             runner = self.runner(c)
             used = {"model": runner.label, "model_sha256": runner.loaded.sha256, "model_applied": runner.applied(c)}
-            try:
             if runner.masked:  # an inpainter leaves an image without a mask as it is, and says so
                 unmasked = [i for i in idx if rows[i]["mask"] is None]
                 for i in unmasked:
@@ -296,13 +295,14 @@ class RestoreActor:
                 idx = [i for i in idx if rows[i]["mask"] is not None]
                 if not idx:
                     continue
+            try:
                 stack = np.empty((len(idx), h, w, c), np.float32)  # (N, H, W, C), filled without temporaries
                 for j, i in enumerate(idx):
                     codec.into_float(codec.from_raw(rows[i]["pixels"], h, w, c), stack[j])
-                with torch.inference_mode():
                 holes = None
                 if runner.masked:  # (N, H, W) bool, True = missing
                     holes = np.stack([np.frombuffer(rows[i]["mask"], np.uint8).reshape(h, w) for i in idx]) > 0
+                with torch.inference_mode():
                     out = runner.restore_array(stack, holes)  # (N, H, W, C) float
                 per_row_ms = 1e3 * (time.perf_counter() - t0) / len(idx)
                 done_at = time.time()
