@@ -52,6 +52,12 @@ class ClusterError(UserError):
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to the cluster at `RAY_ADDRESS`, or start a local one; a no-op when Ray is already initialised.
 
+    A local cluster lives as long as the command that started it and runs without Ray's dashboard: its web server
+    and module processes burn CPU the pipeline's actors need (on an idle 2-core machine a local Ray took 0.059 cores
+    with it, 0.038 without), and nobody can submit a job to a cluster that ends with the command. Ray's state API
+    (`ray list ...`) still works. To watch a run in the dashboard, start a cluster with `ray start --head` and point
+    `RAY_ADDRESS` at it.
+
     Args:
         num_cpus: CPUs of a local cluster (default: all); ignored when joining an existing cluster.
     """
@@ -69,6 +75,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(
             address=address,
             num_cpus=None if address else num_cpus,
+            include_dashboard=None if address else False,
             runtime_env={"env_vars": env_vars} if env_vars else None,
             configure_logging=True,
             logging_level="WARNING",
