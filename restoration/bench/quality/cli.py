@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from restoration.bench.quality import upscale
+from restoration.bench.quality import inpaint, upscale
 from restoration.bench.quality.config import QualityConfig
 from restoration.bench.quality.measure import benchmark
 from restoration.bench.quality.report import format_table, write_report
@@ -22,9 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument(
         "--task",
-        choices=("denoise", "upscale"),
+        choices=("denoise", "upscale", "inpaint"),
         default="denoise",
-        help="denoise (default): restorers vs BM3D on Set12; upscale: upscalers vs bicubic on Set5/Set14",
+        help="denoise (default): restorers vs BM3D on Set12; upscale: upscalers vs bicubic on Set5/Set14; inpaint: "
+        "inpainters vs biharmonic, Telea and Navier-Stokes on Set12 with seeded free-form holes",
+    )
+    parser.add_argument(
+        "--coverages", default="0.1,0.25,0.4", help="inpaint task: hole coverages (default 0.1,0.25,0.4)"
     )
     parser.add_argument("--scales", default="2,3,4", help="upscale task: scale factors (default 2,3,4)")
     parser.add_argument("--color", action="store_true", help="colour mode: the 7 colour sample photos, CBM3D")
@@ -108,10 +112,36 @@ def run_upscale(args: argparse.Namespace) -> int:
     return print_summary(table, [], paths.values(), result["wall_seconds"])
 
 
+def run_inpaint(args: argparse.Namespace) -> int:
+    """`restoration bench quality --task inpaint`: run, print the table, write the report files."""
+    coverages = []
+    for part in _split(args.coverages) or ():
+        try:
+            coverages.append(float(part))
+        except ValueError:
+            raise UserError(f"--coverages value {part!r}: expected numbers in (0, 1), e.g. 0.1,0.25,0.4") from None
+    config = inpaint.InpaintConfig(
+        coverages=tuple(coverages),
+        datasets=args.datasets,
+        color=args.color,
+        models=_split(args.models),
+        methods=_split(args.methods),
+        limit=args.limit,
+        threads=args.threads,
+        out_dir=args.out,
+    )
+    result = inpaint.benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    paths = inpaint.write_report(result, config.out_dir)
+    table = "\n".join([f"images: {result['description']}; threads: {result['threads']}", inpaint.format_table(result)])
+    return print_summary(table, [], paths.values(), result["wall_seconds"])
+
+
 def run(args: argparse.Namespace) -> int:
     """`restoration bench quality`: run, print the table and notes, write the report files; exit status 0."""
     if getattr(args, "task", "denoise") == "upscale":
         return run_upscale(args)
+    if getattr(args, "task", "denoise") == "inpaint":
+        return run_inpaint(args)
     config = config_from_args(args)
     result = benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     paths = write_report(result, config.out_dir)
