@@ -99,8 +99,13 @@ class Inpainter(nn.Module):
             nn.Sequential(_conv(widths[i], widths[i]), _conv(widths[i], widths[i])) for i in range(config.levels)
         )
         self.tail = nn.Conv2d(widths[0], c, 3, padding=1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                # He init for leaky ReLU: PyTorch's default shrinks activations ~0.6x a layer, and over this many
+                # layers the features (and the gradients) all but vanish.
+                nn.init.kaiming_normal_(m.weight, a=0.2, nonlinearity="leaky_relu")
+                nn.init.zeros_(m.bias)
         nn.init.zeros_(self.tail.weight)  # start as the push-pull fill
-        nn.init.zeros_(self.tail.bias)
 
     @property
     def downscale(self) -> int:
