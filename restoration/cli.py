@@ -188,7 +188,12 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-id", default=None, help="name of the run (default: UTC time + random suffix)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run: skip keys already written")
     p.add_argument("--workers", type=_positive_int, default=None, help="restorer actors (default: from resources)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch (default 8)")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="images per batch (default: as many as make 2 megapixels of output, from the first image, 1 to 32)",
+    )
     p.add_argument("--tile", type=_positive_int, default=512, help="tile side for large images (default 512)")
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
     p.add_argument(

@@ -52,11 +52,8 @@ class ClusterError(UserError):
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to the cluster at `RAY_ADDRESS`, or start a local one; a no-op when Ray is already initialised.
 
-    A local cluster lives as long as the command that started it and runs without Ray's dashboard: its web server
-    and module processes burn CPU the pipeline's actors need (on an idle 2-core machine a local Ray took 0.059 cores
-    with it, 0.038 without), and nobody can submit a job to a cluster that ends with the command. Ray's state API
-    (`ray list ...`) still works. To watch a run in the dashboard, start a cluster with `ray start --head` and point
-    `RAY_ADDRESS` at it.
+    Without `RAY_ADDRESS` the cluster is always a new local one, never another that happens to run on this machine
+    (Ray's own default joins the cluster the last `ray start` on it left running).
 
     Args:
         num_cpus: CPUs of a local cluster (default: all); ignored when joining an existing cluster.
@@ -67,15 +64,17 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     address = os.environ.get("RAY_ADDRESS") or None
     env_vars = forwarded_env()
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+    in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    if in_job:
         # Inside a submitted job the job's runtime_env already reaches every worker, and Ray refuses to merge a
         # second one into it.
         env_vars = {}
     try:
         ray.init(
-            address=address,
-            num_cpus=None if address else num_cpus,
-            include_dashboard=None if address else False,
+            # Without RAY_ADDRESS, "local" starts a cluster of our own: Ray's default would join whatever cluster a
+            # `ray start` left running on this machine.
+            address=address or ("auto" if in_job else "local"),
+            num_cpus=None if address or in_job else num_cpus,
             runtime_env={"env_vars": env_vars} if env_vars else None,
             configure_logging=True,
             logging_level="WARNING",

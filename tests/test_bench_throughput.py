@@ -189,6 +189,7 @@ def test_tiny_benchmark_end_to_end(s3, ray_cluster, tmp_path):
         only=("restore", "synthesis"),
         count=16,
         size=64,
+        batch_size=4,  # 4 model batches, enough for a steady state (the default would take all 16 at once)
         min_model_seconds=0,
         shard_mb=0.2,
         synth_count=256,

@@ -35,6 +35,7 @@ def test_tiny_upscale_section_end_to_end(s3, ray_cluster, tmp_path):
         only=("upscale",),
         count=16,
         size=48,
+        batch_size=4,  # 4 model batches, enough for a steady state (the default would take all 16 at once)
         min_model_seconds=0,
         shard_mb=0.1,
         upscale_model="upscale-gray-x2",

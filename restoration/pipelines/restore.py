@@ -40,6 +40,13 @@ UPSCALE_FACTORS = (
 # blocks doubled the actor's peak between a 256-image run (whose whole output fits in one block) and a 2,560-image
 # one. 16 MiB is 64 restored 256 x 256 gray images (float32) and keeps the actor's peak within about a quarter.
 BLOCK_BYTES = 16 * 1024 * 1024
+# The default batch: as many images as make this many output pixels (at least 1, at most MAX_AUTO_BATCH), sized from
+# the run's first image. One batch is one actor task and one block between the operators, so small images in batches
+# of a fixed count pay the per-task costs (scheduling in the driver, the decode/encode tasks' start, Arrow and the
+# object store) many times per megapixel, and large ones make blocks of hundreds of megabytes. 2 MP is 32 images of
+# 256 x 256, 8 of 512 x 512, 1 of 2048 x 1024 and larger.
+AUTO_BATCH_PIXELS = 2 * 1024 * 1024
+MAX_AUTO_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class RestoreConfig:
     run_id: str | None = None
     resume: bool = False
     workers: int | None = None  # restorer actors; default: one per GPU, else one per 2 CPUs
-    batch_size: int = 8
+    batch_size: int | None = None  # images per batch; None: from the first image's size (`auto_batch_size`)
     tile: int = 512
     overlap: int = 32
     gpu: bool | None = None  # None: use GPUs when the cluster has them
@@ -76,7 +83,7 @@ class RestoreConfig:
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("batch_size", "tile"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.workers is not None and self.workers <= 0:
             raise UserError(f"--workers must be > 0, got {self.workers}")
@@ -453,10 +460,13 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     rows_in = data.count_rows(source)  # from the Parquet footers: ds.count() would run the read once more
 
     init_ray()
+    sample = data.first_row(source, ("reference",))
+    shrink = degrade.lr_factor(degrade.parse_spec(config.degrade)) if config.degrade else 1
+    batch_size = config.batch_size or auto_batch_size(sample, scale, shrink, config.max_pixels)
     workers, use_gpu, threads, actor_cpus, _, _ = actor_resources(
-        config.workers, config.gpu, lambda: data_share(config, data.first_row(source, ("reference",)), loaded, scale)
+        config.workers, config.gpu, lambda: data_share(config, sample, loaded, scale)
     )
-    stage = {"batch_format": "pyarrow", "batch_size": config.batch_size, "num_cpus": DATA_TASK_CPUS}
+    stage = {"batch_format": "pyarrow", "batch_size": batch_size, "num_cpus": DATA_TASK_CPUS}
     ds = data.read_images(source, extra_columns=("reference", "mask"), num_cpus=DATA_TASK_CPUS)
     ds.context.target_max_block_size = BLOCK_BYTES  # this run's own copy of the context
     if run.done:
@@ -467,7 +477,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     ds = ds.map_batches(decode_batch, fn_kwargs=decode_args, **stage)
     # One model batch per block: an actor task takes a whole block, and blocks of BLOCK_BYTES hold hundreds of small
     # images, so a few blocks would leave all but one or two actors of the pool idle.
-    ds = ds.repartition(target_num_rows_per_block=config.batch_size)
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
     actor_args = {"model": config.model, "tile": config.tile, "overlap": config.overlap, "threads": threads}
     actor_args |= {"precision": config.precision, "compile": config.compile, "ensemble": config.ensemble}
     actor_args |= {"scale": config.scale}
@@ -476,7 +486,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         fn_constructor_kwargs=actor_args,
         compute=ray.data.ActorPoolStrategy(size=workers),
         batch_format="pyarrow",
-        batch_size=config.batch_size,
+        batch_size=batch_size,
         num_cpus=actor_cpus,
         num_gpus=1 if use_gpu else 0,
     )
@@ -490,9 +500,30 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
 
     t_summary = time.perf_counter()
     phases = (t_start, t_write, t_commit, t_summary)
-    report = _report(config, run, rows_in, model_name, run_sha256, phases, {"workers": workers, "gpu": use_gpu})
+    sizing = {"workers": workers, "gpu": use_gpu, "batch_size": batch_size}
+    report = _report(config, run, rows_in, model_name, run_sha256, phases, sizing)
     runs.write_manifest(run.out_uri, asdict(report))
     return report
+
+
+def auto_batch_size(
+    sample: dict | None, scale: int = 1, shrink: int = 1, max_pixels: int = codec.DEFAULT_MAX_PIXELS
+) -> int:
+    """The default batch: images of the sample's size that make AUTO_BATCH_PIXELS output pixels, 1 to MAX_AUTO_BATCH.
+
+    Args:
+        sample: the run's first input row ({"key", "image", ...}), or None (an empty input).
+        scale: the model's upscaling factor (its output has `scale`^2 times the pixels it is given).
+        shrink: the factor `--degrade lr:F` shrinks the images by before the model (1 without).
+    """
+    if sample is None:
+        return MAX_AUTO_BATCH
+    try:
+        width, height = codec.image_size(sample.get("image") or b"", max_pixels)
+    except codec.DecodeError:  # the run reports the image as an error row; the batch size does not matter for it
+        return MAX_AUTO_BATCH
+    output_pixels = (width // shrink) * (height // shrink) * scale * scale
+    return max(1, min(MAX_AUTO_BATCH, AUTO_BATCH_PIXELS // max(1, output_pixels)))
 
 
 def check_scale(config: RestoreConfig, scales: dict[str, int]) -> int:

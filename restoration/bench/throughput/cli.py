@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--upscale-model", default=d.upscale_model, help=f"upscaler of the upscale section (default {d.upscale_model})"
     )
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"restore batch (default {d.batch_size})")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="restore batch (default: the pipeline's, from the image size)"
+    )
     parser.add_argument(
         "--min-model-seconds",
         type=float,

@@ -24,7 +24,7 @@ class ThroughputConfig:
     noise: float = 25.0  # sigma (0-255) of the Gaussian noise baked into the input PNGs; 0 keeps the images as they are
     model: str = "denoise-gray"
     upscale_model: str = "upscale-gray-x2"  # the upscale section's model, on the crops without noise
-    batch_size: int = 8  # RestoreConfig's default
+    batch_size: int | None = None  # None: RestoreConfig's default, from the first image's size (`auto_batch_size`)
     compile: bool = False  # torch.compile the restorer, in the limit loop and in the pipeline's actors alike
     # About two minutes of pure model time is the smallest run whose numbers say something about a long batch job:
     # shorter, and start-up costs dominate.
@@ -48,7 +48,7 @@ class ThroughputConfig:
         if not self.only or unknown:
             raise UserError(f"--only must name some of {', '.join(SECTIONS)}, got {','.join(self.only)!r}")
         for name in ("count", "size", "batch_size", "synth_count", "synth_batch_size", "train_epochs"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.train_steps_per_epoch < 1:
             raise UserError(f"--train-steps-per-epoch must be >= 1, got {self.train_steps_per_epoch}")

@@ -87,7 +87,7 @@ def _restore_lines(restore: RestoreResult, config: ThroughputConfig) -> list[str
     what = f" (x{restore.scale}, megapixels of the output)" if restore.scale > 1 else ""
     lines = [
         f"{restore.section.upper()}  {restore.model}{what}: {restore.images} images, {restore.megapixels:.1f} MP, "
-        f"batch {config.batch_size}, {pool.actors} actor(s) x {pool.threads} thread(s) "
+        f"batch {restore.batch_size}, {pool.actors} actor(s) x {pool.threads} thread(s) "
         f"(data share {_num(pool.data_share)}), {'bf16' if runner.bf16 else 'fp32'}"
         f"{', compiled' if runner.compiled else ''}, {'GPU' if pool.gpu else 'CPU'}",
         _header("MP/s", "MP/CPU-s"),

@@ -136,6 +136,7 @@ class RestoreResult:
     section: str  # "restore" or "upscale"
     model: str
     scale: int  # the model's output is this many times larger than its input a side (1 for the restorers)
+    batch_size: int  # images per batch, of the limit loop and the pipeline alike
     images: int
     megapixels: float  # of the outputs
     sizes: list[tuple[int, int]]
@@ -260,23 +261,27 @@ def _warm_up(actor, batches: list[Batch], every_shape: bool) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------- pipelines
-def _restore_config(config: ThroughputConfig, model: str, input_uri: str, out_uri: str):
+def _restore_config(config: ThroughputConfig, model: str, input_uri: str, out_uri: str, batch_size: int | None = None):
     from restoration.pipelines.restore import RestoreConfig
 
-    return RestoreConfig(
-        input=input_uri, output=out_uri, model=model, batch_size=config.batch_size, compile=config.compile
-    )
+    return RestoreConfig(input=input_uri, output=out_uri, model=model, batch_size=batch_size, compile=config.compile)
 
 
 def run_ours(
-    config: ThroughputConfig, model: str, staged: Staged, out_root: str, keys: list[str], extra_pids: dict[str, int]
+    config: ThroughputConfig,
+    model: str,
+    batch_size: int,
+    staged: Staged,
+    out_root: str,
+    keys: list[str],
+    extra_pids: dict[str, int],
 ) -> RestoreRun:
     """`run_restore` over the staged shards, measured: wall time, steady state from `restored_at`, memory, CPU."""
     from restoration.pipelines.restore import run_restore
 
     with ResourceSampler(extra=extra_pids) as sampler:
         started_at = time.time()
-        report = run_restore(_restore_config(config, model, staged.shards, out_root))
+        report = run_restore(_restore_config(config, model, staged.shards, out_root, batch_size))
     columns = ["key", "width", "height", "error", "restored_at"]
     written = runs.read_output(report.output, columns, schemas.RESTORE_OUTPUT_SCHEMA)
     out_keys = written.column("key").to_pylist()
@@ -377,7 +382,7 @@ def bench_restore(
     import torch
 
     from restoration.inference import RestoreActor, load_restorer, model_scale
-    from restoration.pipelines.restore import data_share
+    from restoration.pipelines.restore import auto_batch_size, data_share
 
     model = getattr(config, SECTION_MODELS[section])
     inputs = session.work.noisy if section == "restore" else session.work.clean
@@ -388,6 +393,7 @@ def bench_restore(
 
     # The pool `run_restore` sizes, from the share of the CPU decode and encode take next to the model on this image.
     sample = {"key": inputs[0].key, "image": inputs[0].png}
+    batch_size = config.batch_size or auto_batch_size(sample, scale)  # as the pipeline chooses it
     share_config = _restore_config(config, model, "-", "-")
     pool = actor_resources(None, None, lambda: data_share(share_config, sample, scale=scale))
     # The channels of these images (gray here), which pick the model of the family the actor runs.
@@ -398,7 +404,7 @@ def bench_restore(
         pre-decoded batches of the limit loop."""
         restore_actor = RestoreActor(model, threads=pool.threads, precision="auto", compile=config.compile)
         actor = restore_actor.runner(channels)
-        return actor, limit_batches(actor, inputs, config.batch_size)
+        return actor, limit_batches(actor, inputs, batch_size)
 
     # Calibrate: warm up, time a few batches, and raise the count until the model alone needs the minimum.
     actor, batches = limit_model()
@@ -429,7 +435,7 @@ def bench_restore(
     staged = stage_inputs(work, root, config.shard_mb)
     say(f"ours (run_restore over {staged.shard_files} shards)")
     keys = [w.key for w in work]
-    ours = run_ours(config, model, staged, storage.join(root, "out"), keys, session.extra_pids)
+    ours = run_ours(config, model, batch_size, staged, storage.join(root, "out"), keys, session.extra_pids)
 
     naive_keys = keys[: config.naive_count]
     threads = session.default_threads
@@ -447,6 +453,7 @@ def bench_restore(
         section=section,
         model=model,
         scale=scale,
+        batch_size=batch_size,
         images=count,
         megapixels=output_mp,
         sizes=sorted({(w.height, w.width) for w in work}),
@@ -469,15 +476,17 @@ def bench_restore(
 
 def scale_check(config: ThroughputConfig, session: Session, noisy: list[WorkImage], progress: Progress) -> ScaleCheck:
     """Ours at N = --count and at 10 N images, for the peak driver and worker memory of each."""
+    from restoration.pipelines.restore import auto_batch_size
+
     scale_runs = []
     for label, n in (("N", config.count), ("10N", 10 * config.count)):
         work = repeat_work(noisy, n)
         root = storage.join(session.root, f"scale-{label}")
         progress(f"scale check: ours at {label} = {n} images")
         staged = stage_inputs(work, root, config.shard_mb)
-        ours = run_ours(
-            config, config.model, staged, storage.join(root, "out"), [w.key for w in work], session.extra_pids
-        )
+        keys = [w.key for w in work]
+        batch_size = config.batch_size or auto_batch_size({"image": work[0].png})
+        ours = run_ours(config, config.model, batch_size, staged, storage.join(root, "out"), keys, session.extra_pids)
         actors = [w for w in ours.resources.top_workers if any("RestoreActor" in r for r in w.roles)]
         scale_runs.append(ScaleRun(n, ours, max((w.peak_anon_mb for w in actors), default=0.0)))
     return ScaleCheck(*scale_runs)
