@@ -60,7 +60,9 @@ def test_no_damage_step_no_mask_and_lr_shrinks_the_mask(photo):
     np.testing.assert_array_equal(small, full.reshape(128, 2, 128, 2).any(axis=(1, 3)))
 
 
-@pytest.mark.parametrize(("spec", "expected"), [("holes:1", r"expected a number in \[0, 1\)"), ("spots:2.5", "integer")])
+@pytest.mark.parametrize(
+    ("spec", "expected"), [("holes:1", r"expected a number in \[0, 1\)"), ("spots:2.5", "integer")]
+)
 def test_bad_damage_specs_are_refused(spec, expected):
     with pytest.raises(UserError, match=expected):
         degrade.parse_spec(spec)
