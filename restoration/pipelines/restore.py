@@ -419,10 +419,9 @@ def _models_used(written: pa.Table) -> dict:
     for name, sha, applied in zip(
         *(written.column(c).to_pylist() for c in ("model", "model_sha256", "model_applied")), strict=True
     ):
-        if applied not in (
-            None,
-            "no-mask",
-        ):  # restored by that model (rows that failed before restoring name the run's model)
+        # Restored by that model: rows that failed before restoring name the run's model, "no-mask" rows came back as
+        # they were.
+        if applied not in (None, "no-mask"):
             entry = used.setdefault(name, {"sha256": sha, "rows": 0})
             entry["rows"] += 1
     return used
