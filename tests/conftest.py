@@ -24,6 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = datasets_dir()
 FASHION_MNIST_REASON = "needs the Debian package dataset-fashion-mnist (make test installs it)"
 
+# Ray Train's controller looks at its workers every 2 s by default, so each training run of the suite (and each restart
+# after a fault) waits up to 2 s more to see that its workers finished or failed. Set here, before any Ray starts, so
+# that the session's Ray and the ones the demo, the GPU kit and the two-node cluster start inherit it. A poll that a
+# busy worker misses is only retried (a worker counts as hung after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 600 s).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 # Fixtures that start a real component (the S3 server, a local Ray, a two-node cluster) or train a model take seconds to
 # tens of seconds: a test that uses one is `slow`, so `make test-fast` runs the pure-Python tests alone.

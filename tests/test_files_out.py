@@ -174,20 +174,12 @@ def check_files_run(run: str, items: dict[str, bytes], model_file: str) -> None:
 
 @pytest.mark.slow
 def test_a_folder_tree_round_trips_to_the_same_tree_and_resume_writes_each_file_once(ray_cluster, tmp_path, model_file):
+    # One run id, two passes: a first run over a sub-folder of the tree writes part of it, and --resume over the whole
+    # tree finishes it, writing only what is missing (the files already there are not written again). The finished
+    # run is then the whole tree, as a run over all of it in one pass would leave it.
     items = tree(tmp_path / "in")
     out = tmp_path / "out"
     argv = ["restore", str(tmp_path / "in"), str(out), "--model", model_file, "--precision", "fp32"]
-    assert main([*argv, "--format", "files", "--run-id", "r1"]) == 0
-    check_files_run(str(out / "run_id=r1"), items, model_file)
-    assert not list(out.rglob("*.tmp")) and not (out / "_staging").exists()
-    assert {p.name for p in (out / "run_id=r1").iterdir() if p.name.startswith("_")} == {
-        "_rows",
-        "_errors.parquet",
-        "_manifest.json",
-    }
-
-    # Resume: a run that wrote part of the tree (here: a first pass over a sub-folder under the same run id) is
-    # finished by --resume, which writes only what is missing; the files already there are not written again.
     partial = tmp_path / "partial"
     (partial / "trip").mkdir(parents=True)
     os.rename(tmp_path / "in" / "trip", partial / "trip")
@@ -203,6 +195,12 @@ def test_a_folder_tree_round_trips_to_the_same_tree_and_resume_writes_each_file_
     check_files_run(str(out / "run_id=r2"), items, model_file)
     manifest = json.loads((out / "run_id=r2" / "_manifest.json").read_text())
     assert manifest["skipped_resumed"] == 2 and manifest["duplicates"] == 0
+    assert not list(out.rglob("*.tmp")) and not (out / "_staging").exists()
+    assert {p.name for p in (out / "run_id=r2").iterdir() if p.name.startswith("_")} == {
+        "_rows",
+        "_errors.parquet",
+        "_manifest.json",
+    }
 
 
 @pytest.mark.slow

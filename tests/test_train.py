@@ -151,6 +151,13 @@ def held_out_fmnist_test(folder, count: int) -> torch.Tensor:
     return torch.from_numpy(images[index].astype(np.float32) / 255)[:, None]
 
 
+def first_fmnist_train(folder, count: int) -> torch.Tensor:
+    """The first `count` images of the Fashion-MNIST train split (the runs train on the test split), float (N, 1, 28,
+    28) in [0, 1] as `fid.load_fashion_mnist` gives them, read without decoding the other 60,000 - count."""
+    images = read_idx(str(folder / "train-images-idx3-ubyte.gz"), 0, count)  # (count, 28, 28) uint8
+    return torch.from_numpy(images.astype(np.float32) / 255)[:, None]
+
+
 def untrained(kind: str, config) -> torch.nn.Module:
     """The family's net at seeded initial weights, in eval mode. A DCGAN's generator first runs 50 train-mode
     forwards, so that its BatchNorm statistics are what a run with a vanishing learning rate leaves them (its
@@ -184,7 +191,7 @@ def test_generator_loops_learn_checkpoint_previews_and_export(s3, ray_cluster, f
         # saw: FID in the bundled classifier's features (restoration.fid), and the distance in the seeded random
         # features that the run scores its checkpoints by (gan_core.feature_distance).
         extractor = F.load_extractor()[0]
-        real = F.load_fashion_mnist("train", fashion_mnist)[0][:FID_SAMPLES]
+        real = first_fmnist_train(fashion_mnist, FID_SAMPLES)
         scores = {}
         with torch.no_grad():
             for name, module in (("trained", loaded.module), ("untrained", untrained(kind, config))):
