@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from restoration import codec, metrics
 
+ORPHAN = "mask: a mask without an image (no <name>.<ext> beside <name>_mask.png)"  # its row's error
 BRUSH_WIDTH = (6, 20)  # stroke width in pixels, drawn uniformly per stroke
 SEGMENT_LENGTH = (10, 50)  # segment length in pixels
 SEGMENTS = (2, 8)  # segments per stroke
@@ -100,9 +101,11 @@ def union(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
     return b if a is None else a if b is None else a | b
 
 
-def block_any(mask: np.ndarray, factor: int) -> np.ndarray:
+def block_any(mask: np.ndarray | None, factor: int) -> np.ndarray | None:
     """A (H, W) mask at 1/`factor` of its size (after cropping to multiples of it): a pixel is damaged when any pixel
-    of its block was, so a mask survives an `lr:F` step."""
+    of its block was, so a mask survives an `lr:F` step (None stays None)."""
+    if mask is None or factor == 1:
+        return mask
     h, w = mask.shape[0] // factor, mask.shape[1] // factor
     return mask[: h * factor, : w * factor].reshape(h, factor, w, factor).any(axis=(1, 3))
 

@@ -137,13 +137,11 @@ def decode_batch(
     rows = []
     for key, encoded, ref, given in zip(keys, images, refs, given_masks, strict=True):
         t0 = time.perf_counter()
-        if encoded is None and given is not None:
-            rows.append(_error_row(key, "mask: a mask without an image (no <name>.<ext> beside <name>_mask.png)"))
-            continue
         try:
             decoded = codec.decode(encoded or b"", max_pixels=max_pixels)
         except codec.DecodeError as e:
-            rows.append(_error_row(key, f"decode: {e}", 1e3 * (time.perf_counter() - t0)))
+            why = masks.ORPHAN if encoded is None and given is not None else f"decode: {e}"
+            rows.append(_error_row(key, why, 1e3 * (time.perf_counter() - t0)))
             continue
         pixels, reference, alpha = decoded.pixels, None, decoded.alpha
         h, w, c = pixels.shape
@@ -163,9 +161,8 @@ def decode_batch(
             if steps:
                 reference = degrade.modcrop(pixels, shrink)
                 alpha = degrade.modcrop(alpha, shrink) if alpha is not None else None  # the output's size
-                pixels, damaged = degrade.apply_masked(pixels, steps, degrade.rng_for(seed, key))
-                pixels = pixels.astype(np.float32, copy=False)
-                mask = masks.union(masks.block_any(mask, shrink) if mask is not None else None, damaged)
+                pixels, damaged = degrade.apply_masked(pixels, steps, degrade.rng_for(seed, key))  # float32
+                mask = masks.union(masks.block_any(mask, shrink), damaged)
                 h, w, c = pixels.shape
         except (codec.DecodeError, ValueError) as e:
             rows.append(_error_row(key, f"reference: {e}" if not steps else f"degrade: {e}"))
@@ -419,9 +416,7 @@ def _models_used(written: pa.Table) -> dict:
     for name, sha, applied in zip(
         *(written.column(c).to_pylist() for c in ("model", "model_sha256", "model_applied")), strict=True
     ):
-        # Restored by that model: rows that failed before restoring name the run's model, "no-mask" rows came back as
-        # they were.
-        if applied not in (None, "no-mask"):
+        if applied not in (None, "no-mask"):  # restored by that model (not failed before it, nor left as it was)
             entry = used.setdefault(name, {"sha256": sha, "rows": 0})
             entry["rows"] += 1
     return used
