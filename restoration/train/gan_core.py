@@ -60,8 +60,12 @@ def gan_step(
     real: Tensor,
     latent_dim: int,
     generator_rng: torch.Generator,
+    labels: Tensor | None = None,
 ) -> dict[str, float]:
     """One D update then one G update on a batch of real images, both nets in training mode.
+
+    For a class-conditional GAN, `labels` are the real images' classes, and the fakes are made for the same classes
+    (so D sees the data's class frequencies on both sides): D judges (x, y) pairs, G makes G(z, y).
 
     The modules are only called, never unwrapped, so DistributedDataParallel-wrapped nets work. Each forward
     through D is followed by its own backward: a DDP-wrapped D with BatchNorm re-broadcasts its buffers in place
@@ -75,6 +79,7 @@ def gan_step(
         real: (B, C, S, S) real images scaled to [-1, 1], on the nets' device.
         latent_dim: size of z.
         generator_rng: source of z; it draws on its own device, and z is moved to `real`'s device.
+        labels: (B,) int64 class ids of `real` for a conditional GAN, on the nets' device; None otherwise.
     Returns:
         {"d_loss", "g_loss": the losses before each update, "d_real", "d_fake": mean D(x) and mean D(G(z)) as
         probabilities, measured in the D update}.
@@ -88,18 +93,18 @@ def gan_step(
 
     # Update D. Real and generated images go through D as separate batches, so each BN sees one kind only.
     opt_d.zero_grad(set_to_none=True)
-    d_real_logits = discriminator(real)  # (B,)
+    d_real_logits = discriminator(real, labels)  # (B,)
     loss_real = _bce(d_real_logits, 1.0)
     loss_real.backward()
-    fake = generator(z)  # (B, C, S, S); reused by the G update below
-    d_fake_logits = discriminator(fake.detach())  # (B,)
+    fake = generator(z, labels)  # (B, C, S, S); reused by the G update below
+    d_fake_logits = discriminator(fake.detach(), labels)  # (B,)
     loss_fake = _bce(d_fake_logits, 0.0)
     loss_fake.backward()
     opt_d.step()
 
     # Update G. D (just updated) judges the same fakes; D's gradients from this pass are cleared by the next step.
     opt_g.zero_grad(set_to_none=True)
-    loss_g = g_loss_nonsaturating(discriminator(fake))
+    loss_g = g_loss_nonsaturating(discriminator(fake, labels))
     loss_g.backward()
     opt_g.step()
 
