@@ -227,6 +227,17 @@ def _pairs(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _label_counts(text: str) -> tuple[tuple[str, int], ...]:
+    """`--labels sneaker:10000,bag:5000` (class names or ids) -> (("sneaker", 10000), ("bag", 5000))."""
+    labels = []
+    for part in text.split(","):
+        name, _, count = part.partition(":")
+        if not name or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"expected NAME:COUNT[,NAME:COUNT...] with counts >= 1, got {part!r}")
+        labels.append((name, int(count)))
+    return tuple(labels)
+
+
 def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `restoration synthesize` (shared with the jobs)."""
     p.add_argument("--model", required=True, help="bundled name (dcgan-fmnist, vae-fmnist), model file or s3:// URI")
@@ -239,6 +250,14 @@ def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--mode", choices=["sample", "interpolate", "reconstruct"], default="sample")
     p.add_argument("--count", type=_positive_int, default=None, help="sample mode: number of images")
+    p.add_argument(
+        "--labels",
+        type=_label_counts,
+        default=None,
+        metavar="NAME:COUNT,...",
+        help="class-conditional models: how many images of each class (names or ids), in index order",
+    )
+    p.add_argument("--label", default=None, metavar="NAME", help="class-conditional models: --count images of NAME")
     p.add_argument("--seed", type=int, default=0, help="row i's latent comes from (seed, i) alone")
     p.add_argument("--run-id", default=None, help="name of the run (default: UTC time + random suffix)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run without duplicates")
@@ -282,6 +301,11 @@ def _add_format_arguments(p: argparse.ArgumentParser, files_help: str) -> None:
 def synthesize_config(args: argparse.Namespace):
     from restoration.pipelines.synthesize import SynthesizeConfig
 
+    label = getattr(args, "label", None)
+    if label is not None:
+        if args.labels is not None or args.count is None:
+            raise UserError("--label NAME takes --count N (and no --labels)")
+        return config_from_args(SynthesizeConfig, args, labels=((label, args.count),))
     return config_from_args(SynthesizeConfig, args)
 
 

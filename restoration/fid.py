@@ -215,11 +215,23 @@ def latent_source(loaded: LoadedModel) -> str:
     return f"a {k}-component mixture fitted to q(z)" if k else "N(0, I)"
 
 
-def sample_images(loaded: LoadedModel, n: int, seed: int, batch_size: int, name: str) -> Tensor:
-    """`generate` for a model file already loaded (`name` is what errors call it)."""
+def class_names(loaded: LoadedModel) -> tuple[str, ...]:
+    """The class names of a class-conditional generator (index = class id); empty for an unconditional one."""
+    return tuple(getattr(loaded.config, "labels", ()))
+
+
+def sample_images(
+    loaded: LoadedModel, n: int, seed: int, batch_size: int, name: str, labels: Tensor | None = None
+) -> Tensor:
+    """`generate` for a model file already loaded (`name` is what errors call it); a class-conditional generator
+    makes image i of class `labels[i]` ((n,) int64, required for it, refused for an unconditional one)."""
     check_generator(loaded, name)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1 or batch_size < 1:
         raise UserError(f"n={n!r}, batch_size={batch_size!r}: expected ints >= 1")
+    if bool(class_names(loaded)) != (labels is not None):
+        raise UserError(f"{name}: class labels are needed for a class-conditional generator and only for one")
+    if labels is not None and labels.shape != (n,):
+        raise UserError(f"{name}: expected {n} class labels, got shape {tuple(labels.shape)}")
     module = loaded.module.eval()
     generator = torch.Generator().manual_seed(seed)
     chunks = []
@@ -227,8 +239,22 @@ def sample_images(loaded: LoadedModel, n: int, seed: int, batch_size: int, name:
         for first in range(0, n, batch_size):
             # Both sample APIs return images in [0, 1]: DCGAN maps its tanh output by (x + 1) / 2, the VAE decodes
             # the Bernoulli mean sigmoid(logits). No truncation; the VAE draws from its sampling prior.
-            chunks.append(module.sample(min(batch_size, n - first), generator=generator).float().cpu())
+            k = min(batch_size, n - first)
+            asked = {} if labels is None else {"labels": labels[first : first + k]}
+            chunks.append(module.sample(k, generator=generator, **asked).float().cpu())
     return torch.cat(chunks).clamp(0, 1)  # (n, 1, 28, 28)
+
+
+@torch.no_grad()
+def classify(images: Tensor, extractor: FeatureExtractor) -> Tensor:
+    """The classes the extractor's classifier gives (N, 1, 28, 28) images in [0, 1]: (N,) int64."""
+    classifier = extractor.classifier.eval()
+    device = next(classifier.parameters()).device
+    chunks = [
+        classifier(images[i : i + extractor.batch_size].to(device)).argmax(1).cpu()
+        for i in range(0, images.shape[0], extractor.batch_size)
+    ]
+    return torch.cat(chunks)
 
 
 def generate(model_name_or_path: str, n: int, seed: int = 0, batch_size: int = 500) -> Tensor:

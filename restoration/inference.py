@@ -32,6 +32,7 @@ from restoration import codec, degrade, schemas, sources
 from restoration.checkpoint import LoadedModel, ModelFileError, load_named, model_label
 from restoration.cluster import prioritise_model_actor
 from restoration.device import default_device, use_bf16
+from restoration.errors import UserError
 from restoration.models.dcgan import sample_latent
 from restoration.tiling import tiled_apply
 
@@ -353,6 +354,44 @@ def slerp(a, b, alpha: float):
     return (torch.sin((1 - alpha) * omega) * a + torch.sin(alpha * omega) * b) / torch.sin(omega)
 
 
+def label_ids(labels: tuple[tuple[str, int], ...], known: tuple[str, ...], model: str) -> list[tuple[int, int]]:
+    """The classes asked for, by the model's class ids: (id, count) in order.
+
+    Args:
+        labels: (class name or id as text, count) pairs, e.g. from `--labels sneaker:10000,7:5`.
+        known: the model's class names, index = id (empty for an unconditional model).
+        model: what errors call the model.
+    Returns:
+        [(class id, count), ...]; raises UserError, in one line naming the known classes, for a class the model
+        does not know, and for labels with an unconditional model or none with a conditional one.
+    """
+    if not known:
+        if labels:
+            raise UserError(f"{model} is not class-conditional: it takes no --labels/--label")
+        return []
+    names = ", ".join(f"{i}={name}" for i, name in enumerate(known))
+    if not labels:
+        raise UserError(f"{model} is class-conditional: say what to make with --labels NAME:COUNT,... ({names})")
+    ids = []
+    for name, count in labels:
+        i = int(name) if name.isdigit() else known.index(name) if name in known else -1
+        if not 0 <= i < len(known):
+            raise UserError(f"{model} has no class {name!r}: expected one of {names}")
+        ids.append((i, count))
+    if len({i for i, _ in ids}) != len(ids):
+        raise UserError(f"--labels names a class twice (by name and by id): {', '.join(name for name, _ in labels)}")
+    return ids
+
+
+def row_labels(ids: list[tuple[int, int]], indices: list[int]) -> list[int] | None:
+    """Class id of each row index when the classes `ids` ((id, count), in order) are laid out in index order; None
+    for an unconditional run."""
+    if not ids:
+        return None
+    stops = np.cumsum([count for _, count in ids])
+    return [ids[j][0] for j in np.searchsorted(stops, indices, side="right").tolist()]
+
+
 class GeneratorActor:
     """Holds one generator on its device; maps a batch of items (RUN_SCHEMA in sample mode, ITEM_SCHEMA otherwise)
     to PIXELS_SCHEMA rows (quantised, not yet encoded), or with `encode` to OUTPUT_SCHEMA rows (PNG)."""
@@ -365,6 +404,9 @@ class GeneratorActor:
             torch.set_num_threads(threads)
         self.config, self.run_id, self.encode = config, run_id, encode
         self.loaded = load_generator(config.model, config.mode)
+        known = tuple(getattr(self.loaded.config, "labels", ()))
+        name = model_label(config.model)
+        self.label_ids = label_ids(config.labels, known, name) if config.mode == "sample" else []
         self.device = default_device()
         self.dtype = {"float64": torch.float64, "float32": torch.float32, "bf16": torch.float32}[config.precision]
         self.module = self.loaded.module.to(self.device, self.dtype).eval()
@@ -391,8 +433,9 @@ class GeneratorActor:
             z = torch.stack([latent_for(self.config.seed, i, latent_dim, self.config.truncation) for i in chunk])
             if self.loaded.kind == "vae":  # N(0, I) draws -> the VAE's sampling prior (unchanged for N(0, I) itself)
                 z = self.module.prior_latents(z.to(self.device, self.dtype), uniforms_for(self.config.seed, chunk))
-            images = self._decode(z)  # (B, S, S, C) uint8
-            rows.add(chunk, images, time.time())
+            labels = row_labels(self.label_ids, chunk)  # the classes laid out in index order (None: unconditional)
+            images = self._decode(z, labels)  # (B, S, S, C) uint8
+            rows.add(chunk, images, time.time(), labels=labels)
 
     def _from_inputs(self, item: dict, rows: _Rows) -> None:
 
@@ -414,16 +457,18 @@ class GeneratorActor:
         rows.add(list(range(index, index + len(alphas))), images, time.time(), keys, [float(a) for a in alphas])
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _decode(self, z) -> np.ndarray:
-        """Latents (B, D) -> images (B, S, S, C) uint8, quantised as a whole batch with `codec.to_uint`'s arithmetic
-        (float32: clip to [0, 1], times 255, round half to even), here in torch, in place and on the model's device:
-        on CPUs that is a third of the cost of NumPy on the permuted copy, and a GPU sends back bytes, not floats."""
+    def _decode(self, z, labels: list[int] | None = None) -> np.ndarray:
+        """Latents (B, D) [and class ids (B,) of a conditional model] -> images (B, S, S, C) uint8, quantised as a
+        whole batch with `codec.to_uint`'s arithmetic (float32: clip to [0, 1], times 255, round half to even), here
+        in torch, in place and on the model's device: on CPUs that is a third of the cost of NumPy on the permuted
+        copy, and a GPU sends back bytes, not floats."""
         z = z.to(self.device, self.dtype)
+        y = None if labels is None else torch.tensor(labels, dtype=torch.long, device=self.device)  # (B,)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
             if self.loaded.kind == "dcgan":
-                images = self.module.generator(z).float().add_(1).div_(2)
+                images = self.module.generator(z, y).float().add_(1).div_(2)
             else:
-                images = self.module.decode(z).float()
+                images = self.module.decode(z, y).float() if y is not None else self.module.decode(z).float()
         if torch.isnan(images).any():  # as `codec.to_uint` refuses them
             raise ValueError(f"{self.name} generated {int(torch.isnan(images).sum())} NaN samples")
         images = images.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
@@ -449,6 +494,7 @@ class _Rows:
     def __init__(self) -> None:
         self.index: list[int] = []
         self.source_keys: list[list[str] | None] = []
+        self.label: list[int | None] = []
         self.alpha: list[float | None] = []
         self.generated_at: list[float] = []
         self.error: list[str | None] = []
@@ -462,12 +508,14 @@ class _Rows:
         source_keys=None,
         alphas=None,
         error: str | None = None,
+        labels: list[int] | None = None,
     ) -> None:
         """Rows `indices` with their `images` (B, S, S, C) uint8, or with `error` and no image; `done_at` is the Unix
-        time the generator finished them (or they failed)."""
+        time the generator finished them (or they failed); `labels`: their class ids (conditional models)."""
         n = len(indices)
         self.index += indices
         self.source_keys += [source_keys] * n
+        self.label += labels if labels is not None else [None] * n
         self.alpha += alphas if alphas is not None else [None] * n
         self.generated_at += [done_at] * n
         self.error += [error] * n
@@ -497,6 +545,7 @@ class _Rows:
             "image" if encode else "pixels": pa.array(data, pa.binary()),
             "width": where_ok(width),
             "height": where_ok(height),
+            "label": pa.array(self.label, pa.int32()),
             "source_keys": pa.array(self.source_keys, pa.list_(pa.string())),
             "alpha": pa.array(self.alpha, pa.float64()),
             "run_id": pa.array([actor.run_id] * n, pa.string()),

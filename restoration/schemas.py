@@ -78,6 +78,7 @@ SYNTH_OUTPUT_SCHEMA = pa.schema(
         ("image", pa.binary()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("label", pa.int32()),  # class id asked of a class-conditional model (its name: the manifest), else null
         ("source_keys", pa.list_(pa.string())),
         ("alpha", pa.float64()),
         ("run_id", pa.string()),

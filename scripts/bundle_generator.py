@@ -6,7 +6,9 @@
 RUN_FOLDER is the run's storage folder (local), holding `config.json`, `checkpoint_manager_snapshot.json` and the
 exported `model.pt`; `--model-file` bundles another file of the run instead (a checkpoint's `model.pt`). The record
 holds what made the model (preset config, command, wall time, the checkpoint's epoch and metrics) and, with --fid,
-the FID measured by `restoration bench fid` on N samples (features of the bundled Fashion-MNIST classifier).
+the FID measured by `restoration bench fid` on N samples (features of the bundled Fashion-MNIST classifier); for a
+class-conditional model also the share of its samples the classifier puts in the class asked for, the classifier's
+accuracy on the real test images, and the FID per class.
 `--prior-components K` gives a VAE trained without a sampling prior the one the `prior_components` training option
 fits at every checkpoint (`fit_latent_prior`, on 20,000 images of the Fashion-MNIST train split, seed 0).
 """
@@ -25,6 +27,7 @@ TASKS = {
     "dcgan": "DCGAN on Fashion-MNIST 28x28; the generator in the file is the EMA generator",
     "vae": "convolutional VAE (Bernoulli likelihood) on Fashion-MNIST 28x28: sampling, reconstruction, interpolation",
 }
+CONDITIONAL = "class-conditional ({classes} classes, names in the file and under `labels`) "
 
 
 def checkpoint_metrics(run: Path, model_file: Path) -> dict:
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if loaded.kind not in TASKS:
         raise SystemExit(f"{model_file} holds a {loaded.kind} model, expected dcgan or vae")
     metrics = checkpoint_metrics(args.run, model_file)
+    labels = list(getattr(loaded.config, "labels", ()))
     target = WEIGHTS_DIR / f"{args.name}.pt"
     prior = None
     if args.prior_components:
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "name": args.name,
         "file": target.name,
         "sha256": loaded.sha256,
-        "task": TASKS[loaded.kind],
+        "task": (CONDITIONAL.format(classes=len(labels)) if labels else "") + TASKS[loaded.kind],
         "model": {"kind": loaded.kind, **vars(loaded.config)},
         "trained_on": "Fashion-MNIST train split (60,000 images), 1 in 20 held out for the score",
         "training": {
@@ -119,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             result = run_fid_bench([str(target)], n=args.fid, seed=0, out_dir=Path(out_dir))
         row = next(r for r in result["rows"] if r["name"] == args.name)
         record["metrics"][f"fid_classifier_{args.fid}"] = round(row["fid"], 2)
+        if "per_class" in row:  # a conditional model, asked for the test images' classes
+            record["metrics"][f"label_accuracy_{args.fid}"] = round(row["label_accuracy"], 4)
+            record["metrics"]["classifier_real_accuracy"] = round(row["real_accuracy"], 4)
+            record["metrics"][f"fid_per_class_{args.fid}"] = {c["label"]: round(c["fid"], 2) for c in row["per_class"]}
     (WEIGHTS_DIR / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"bundled {target} ({target.stat().st_size / 1e6:.1f} MB), sha256 {loaded.sha256[:12]}")
     return 0

@@ -7,6 +7,11 @@ themselves pixelated 2x and with Gaussian noise (sigma 25/255), the kind of dist
 that FID grows with visible damage. A generator near the floor is as good as this metric can tell; one above the
 disturbed rows makes images that look worse to this network than visibly damaged real ones.
 
+A class-conditional generator is asked for the reference images' own classes, so its overall FID compares like with
+like; its row adds the FID per class (its samples of a class against the reference images of that class, beside the
+same per-class floor), and the accuracy of the extractor's classifier on its samples (the share classified as the
+class asked for) next to the classifier's accuracy on the reference images themselves.
+
     restoration bench fid --models dcgan-fmnist,vae-fmnist -n 10000 --out fid-report/
 """
 
@@ -31,11 +36,11 @@ from restoration.metrics import image_grid
 from restoration.sources import FASHION_MNIST_DIR, FASHION_MNIST_ENV
 
 DEFAULT_MODELS = ("dcgan-fmnist", "vae-fmnist")
-GRID_SAMPLES = 64  # images in each <model>_samples.png, 8 x 8
+NUM_CLASSES = 10  # Fashion-MNIST's, which a conditional model must make
 
 
-def _save_grid(path: Path, images: Tensor) -> None:
-    Image.fromarray(image_grid(images[:GRID_SAMPLES], nrow=8)).save(path)
+def _save_grid(path: Path, images: Tensor, nrow: int = 8) -> None:
+    Image.fromarray(image_grid(images[: nrow * nrow], nrow=nrow)).save(path)
 
 
 def run_fid_bench(
@@ -77,11 +82,18 @@ def run_fid_bench(
         raise UserError(f"n={n!r}: expected an int in [2, {F.TEST_SPLIT_SIZE}] (the size of the test split)")
     loaded = {name: F.check_generator(load_named(name), name) for name in models}
     extractor, extractor_file = F.load_extractor(extractor_path)
-    test_x, _ = F.load_fashion_mnist("test", fashion_mnist)
-    train_x, _ = F.load_fashion_mnist("train", fashion_mnist)
+    for name, model in loaded.items():
+        classes = len(F.class_names(model))
+        if classes not in (0, NUM_CLASSES):
+            raise UserError(f"{name} is conditional on {classes} classes: expected Fashion-MNIST's {NUM_CLASSES}")
+    test_x, test_y = F.load_fashion_mnist("test", fashion_mnist)
+    train_x, train_y = F.load_fashion_mnist("train", fashion_mnist)
     rng = torch.Generator().manual_seed(seed)
-    reference = test_x if n == test_x.shape[0] else test_x[torch.randperm(test_x.shape[0], generator=rng)[:n]]
-    floor_set = train_x[torch.randperm(train_x.shape[0], generator=rng)[:n]]
+    pick = torch.arange(n) if n == test_x.shape[0] else torch.randperm(test_x.shape[0], generator=rng)[:n]
+    reference, reference_y = test_x[pick], test_y[pick]
+    pick = torch.randperm(train_x.shape[0], generator=rng)[:n]
+    floor_set, floor_y = train_x[pick], train_y[pick]
+    by_class = None  # the per-class reference, floor and real accuracy: made for the first conditional model
 
     # Reference statistics, once: reset() keeps them (reset_real_features=False) and clears the generated side.
     metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
@@ -106,22 +118,36 @@ def run_fid_bench(
     rows = []
     for name, model in loaded.items():
         t0 = time.perf_counter()
-        images = F.sample_images(model, n, seed, extractor.batch_size, name)
+        names = F.class_names(model)
+        asked = reference_y if names else None  # a conditional model is asked for the reference's classes
+        images = F.sample_images(model, n, seed, extractor.batch_size, name, asked)
         label = model_label(name)
-        if out_path is not None:
+        if out_path is not None and names:  # one class per row, 10 each
+            grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(NUM_CLASSES)
+            grid = F.sample_images(model, len(grid_labels), seed, extractor.batch_size, name, grid_labels)
+            _save_grid(out_path / f"{label}_samples.png", grid, nrow=NUM_CLASSES)
+        elif out_path is not None:
             _save_grid(out_path / f"{label}_samples.png", images)
+        conditional = {}
+        if names:
+            by_class = by_class or _class_reference(reference, reference_y, floor_set, floor_y, extractor, say)
+            conditional = _class_scores(images, asked, names, by_class, extractor)
         rows.append(
             {
                 "name": label,
                 "kind": "generated",
-                "description": f"{model.kind} samples, z ~ {F.latent_source(model)}, seed {seed}",
+                "description": f"{model.kind} samples, z ~ {F.latent_source(model)}"
+                + (", classes of the reference" if names else "")
+                + f", seed {seed}",
                 "n": n,
                 **score(images),
+                **conditional,
                 "model_sha256": model.sha256,
                 "seconds": round(time.perf_counter() - t0, 1),
             }
         )
-        say(f"{label}: FID {rows[-1]['fid']:.4g} ({rows[-1]['seconds']}s)")
+        accuracy = f", classified as asked {conditional['label_accuracy']:.4f}" if names else ""
+        say(f"{label}: FID {rows[-1]['fid']:.4g}{accuracy} ({rows[-1]['seconds']}s)")
     calibration = [
         ("floor", "real vs real: train-split images vs the test reference", lambda: floor_set),
         ("pixelated 2x", "the reference images, every other pixel repeated 2x2", lambda: F.pixelate2x(reference)),
@@ -151,6 +177,7 @@ def run_fid_bench(
             "test_accuracy": extractor_file.meta.get("test_accuracy"),
         },
         "inception_weights": os.fspath(inception_weights) if inception_weights is not None else None,
+        "real_accuracy": by_class["real_accuracy"] if by_class else None,
         "rows": rows,
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -159,6 +186,75 @@ def run_fid_bench(
         (out_path / "fid.json").write_text(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
         (out_path / "fid.md").write_text(_markdown(result, [model_label(name) for name in loaded]))
     return result
+
+
+def _class_reference(
+    reference: Tensor, reference_y: Tensor, floor_set: Tensor, floor_y: Tensor, extractor, say: Callable[[str], None]
+) -> dict:
+    """What conditional rows are compared with, per class: the reference images of each class, the floor (train-split
+    images of the class vs those, as many as there are), and the classifier's accuracy on the reference."""
+    t0 = time.perf_counter()
+    predicted = F.classify(reference, extractor)
+    classes = []
+    for c in range(NUM_CLASSES):
+        real = reference[reference_y == c]
+        floor = floor_set[floor_y == c][: len(real)]
+        classes.append(
+            {
+                "real": real,
+                "n": len(real),
+                "floor_fid": F.fid(real, floor, extractor) if min(len(real), len(floor)) >= 2 else float("nan"),
+                "real_accuracy": float((predicted[reference_y == c] == c).float().mean())
+                if len(real)
+                else float("nan"),
+            }
+        )
+    real_accuracy = float((predicted == reference_y).float().mean())
+    say(f"per-class floor and real accuracy {real_accuracy:.4f} ({time.perf_counter() - t0:.1f}s)")
+    return {"classes": classes, "real_accuracy": real_accuracy}
+
+
+def _class_scores(images: Tensor, asked: Tensor, names: tuple[str, ...], by_class: dict, extractor) -> dict:
+    """A conditional row's extra fields: `label_accuracy` (share of samples classified as asked), `real_accuracy`,
+    and `per_class`: [{"label", "id", "n", "fid", "floor_fid", "accuracy", "real_accuracy"}, ...] for every class."""
+    predicted = F.classify(images, extractor)
+    per_class = []
+    for c, name in enumerate(names):
+        ref = by_class["classes"][c]
+        mine = asked == c
+        fake = images[mine]
+        per_class.append(
+            {
+                "label": name,
+                "id": c,
+                "n": int(mine.sum()),
+                "fid": F.fid(ref["real"], fake, extractor) if min(len(fake), ref["n"]) >= 2 else float("nan"),
+                "floor_fid": ref["floor_fid"],
+                "accuracy": float((predicted[mine] == c).float().mean()) if mine.any() else float("nan"),
+                "real_accuracy": ref["real_accuracy"],
+            }
+        )
+    return {
+        "label_accuracy": float((predicted == asked).float().mean()),
+        "real_accuracy": by_class["real_accuracy"],
+        "per_class": per_class,
+    }
+
+
+def format_class_table(row: dict) -> str:
+    """A conditional row's classes as a Markdown table: FID against the class's reference images (and the floor),
+    and the share of its samples the classifier puts in the class (and of the real images)."""
+    lines = [
+        "| class | n | FID | floor FID | classified as asked | classifier on real |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in row["per_class"]:
+        cells = [f"{c['id']} {c['label']}", str(c["n"]), f"{c['fid']:.3f}", f"{c['floor_fid']:.3f}"]
+        lines.append("| " + " | ".join(cells + [f"{c['accuracy']:.4f}", f"{c['real_accuracy']:.4f}"]) + " |")
+    lines.append(
+        f"| all | {row['n']} | {row['fid']:.3f} | | {row['label_accuracy']:.4f} | {row['real_accuracy']:.4f} |"
+    )
+    return "\n".join(lines)
 
 
 def format_table(result: dict) -> str:
@@ -188,7 +284,19 @@ def _markdown(result: dict, labels: list[str]) -> str:
         "",
         result["table"],
         "",
-        "Samples (64 each): " + ", ".join(f"`{label}_samples.png`" for label in labels + ["real"]) + ".",
+    ]
+    for row in result["rows"]:
+        if "per_class" in row:
+            lines += [
+                f"`{row['name']}` per class (samples of the reference's classes):",
+                "",
+                format_class_table(row),
+                "",
+            ]
+    lines += [
+        "Samples (64 each; a conditional model: one class per row): "
+        + ", ".join(f"`{label}_samples.png`" for label in labels + ["real"])
+        + ".",
         "",
     ]
     return "\n".join(lines)
@@ -228,6 +336,9 @@ def run(args: argparse.Namespace) -> int:
         log=lambda line: print(line, flush=True),
     )
     print(result["table"])
+    for row in result["rows"]:
+        if "per_class" in row:
+            print(f"\n{row['name']} per class:\n{format_class_table(row)}")
     print(f"{result['seconds']:.0f}s" + (f"; wrote {args.out}/fid.md, fid.json and sample grids" if args.out else ""))
     return 0
 

@@ -1,7 +1,9 @@
 """The synthesis pipeline: items → generator actors (GAN / VAE) → PNG → Parquet under OUT/run_id=<id>/.
 
     sample:       range(N) → z_i from a generator seeded by (seed, i) alone → G(z_i), or decode(z_i) with z_i
-                  mapped to the VAE's sampling prior (its fitted mixture, or N(0, I))
+                  mapped to the VAE's sampling prior (its fitted mixture, or N(0, I)); a class-conditional model
+                  makes G(z_i, y_i), with the classes asked for (`--labels sneaker:10000,bag:5000`) laid out in
+                  index order: rows [0, 10000) sneakers, [10000, 15000) bags
     interpolate:  pairs of input images → VAE encode (μ) → lerp/slerp at T alphas → decode
     reconstruct:  input images → VAE encode (μ) → decode
 
@@ -43,7 +45,8 @@ ITEM_SCHEMA = schemas.SYNTH_ITEM_SCHEMA
 # The fields that decide which images a run holds (not how it was scheduled): a finished run with the same ones is
 # left untouched by a rerun.
 _WORK_FIELDS = (
-    *("mode", "count", "seed", "truncation", "inputs", "pairs", "random_pairs", "steps", "slerp", "precision"),
+    *("mode", "count", "labels", "seed", "truncation", "inputs", "pairs", "random_pairs", "steps", "slerp"),
+    "precision",
     *("format", "image_format", "quality"),
 )
 
@@ -52,7 +55,8 @@ _WORK_FIELDS = (
 class SynthesizeConfig:
     model: str
     output: str
-    count: int = 0  # sample mode: number of images
+    count: int = 0  # sample mode: number of images (with `labels`: their total, or 0 for it)
+    labels: tuple[tuple[str, int], ...] = ()  # sample mode, conditional models: (class name or id, count) in order
     mode: str = "sample"
     seed: int = 0
     run_id: str | None = None
@@ -74,6 +78,16 @@ class SynthesizeConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UserError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        labels = tuple((str(name), count) for name, count in self.labels)  # a JSON round trip gives lists
+        object.__setattr__(self, "labels", labels)
+        if labels:
+            check_label_counts(labels)
+            total = sum(count for _, count in labels)
+            if self.mode != "sample":
+                raise UserError(f"--labels/--label need --mode sample, got --mode {self.mode}")
+            if self.count not in (0, total):
+                raise UserError(f"--count {self.count} disagrees with the --labels counts, which add up to {total}")
+            object.__setattr__(self, "count", total)
         if self.mode == "sample" and self.count < 1:
             raise UserError(f"--count must be >= 1, got {self.count}")
         if self.mode != "sample" and not self.inputs:
@@ -89,6 +103,17 @@ class SynthesizeConfig:
         if self.precision not in ("float64", "float32", "bf16"):
             raise UserError(f"--precision must be float64, float32 or bf16, got {self.precision!r}")
         files.check_options(self.format, self.image_format, self.quality)
+
+
+def check_label_counts(labels: tuple[tuple[str, int], ...]) -> None:
+    """Refuse a `--labels` list with a count below 1 or a class named twice."""
+    for name, count in labels:
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise UserError(f"--labels {name}:{count}: the count must be an integer >= 1")
+    names = [name for name, _ in labels]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UserError(f"--labels names {', '.join(twice)} more than once")
 
 
 def encode_images(batch: pa.Table) -> pa.Table:
@@ -173,6 +198,8 @@ class SynthesizeReport:
     complete: bool = False
     phase_seconds: dict = field(default_factory=dict)  # setup / write / commit / summary, as in RestoreReport
     config: dict = field(default_factory=dict)
+    # Conditional runs: class name -> {"id", "requested", "rows" written (errors included), "errors"}.
+    rows_by_label: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         return (
@@ -237,6 +264,8 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
 
     t0 = time.perf_counter()
     loaded = inference.load_generator(config.model, config.mode)  # fail fast, before Ray starts
+    known = tuple(getattr(loaded.config, "labels", ()))
+    ids = inference.label_ids(config.labels, known, model_label(config.model)) if config.mode == "sample" else []
     run_id = config.run_id or runs.default_run_id()
     manifest_uri = storage.join(runs.run_dir(config.output, run_id), "_manifest.json")
     if config.resume and storage.exists(manifest_uri):
@@ -304,7 +333,7 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
         )
     t_summary = time.perf_counter()
 
-    written = runs.read_output(run.rows_uri, ["index", "error", "file"], OUTPUT_SCHEMA)
+    written = runs.read_output(run.rows_uri, ["index", "error", "file", "label"], OUTPUT_SCHEMA)
     indices = written.column("index").to_numpy()
     errors = [e for e in written.column("error").to_pylist() if e is not None]
     if config.format == "files":
@@ -330,9 +359,27 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
         complete=written.num_rows == requested,
         phase_seconds=phases,
         config=asdict(config) | {"run_id": run_id, "workers": workers, "gpu": use_gpu, "data_tasks": data_tasks},
+        rows_by_label=_rows_by_label(written, known, ids),
     )
     runs.write_manifest(out_uri, asdict(report) | {"written_at": datetime.now(timezone.utc).isoformat()})
     return report
+
+
+def _rows_by_label(written: pa.Table, known: tuple[str, ...], ids: list[tuple[int, int]]) -> dict:
+    """The manifest's per-class counts of a conditional run (empty for an unconditional one)."""
+    if not ids:
+        return {}
+    labels = written.column("label").to_numpy(zero_copy_only=False)
+    failed = np.array([e is not None for e in written.column("error").to_pylist()], bool)
+    return {
+        known[i]: {
+            "id": i,
+            "requested": count,
+            "rows": int((labels == i).sum()),
+            "errors": int(((labels == i) & failed).sum()),
+        }
+        for i, count in ids
+    }
 
 
 def write_files(batch: pa.Table, run_uri: str, image_format: str, quality: int, keep_image: bool) -> pa.Table:
