@@ -100,7 +100,7 @@ def bench_training(config: ThroughputConfig, session: Session, progress: Progres
     import ray
     import torch
 
-    from restoration.cluster import threads_for
+    from restoration.cluster import default_cpus_per_worker, threads_for
 
     clean = session.work.clean
     overrides = {"epochs": config.train_epochs, "steps_per_epoch": config.train_steps_per_epoch}
@@ -112,7 +112,7 @@ def bench_training(config: ThroughputConfig, session: Session, progress: Progres
     # The worker's CPUs and threads as `launch` sizes them by default for one worker.
     resources = ray.cluster_resources()
     use_gpu = int(resources.get("GPU", 0)) > 0
-    cpus_per_worker = 2.0 if use_gpu else max(0.5, min(4.0, float(resources.get("CPU", 1)) - 1))
+    cpus_per_worker = default_cpus_per_worker(float(resources.get("CPU", 1)), 1, use_gpu)
     threads = threads_for(cpus_per_worker)
 
     progress(f"training: Ray Train, {config.train_epochs} x {config.train_steps_per_epoch} steps")
