@@ -478,6 +478,7 @@ def scale_check(config: ThroughputConfig, session: Session, noisy: list[WorkImag
     """Ours at N = --count and at 10 N images, for the peak driver and worker memory of each."""
     from restoration.pipelines.restore import auto_batch_size
 
+    batch_size = config.batch_size or auto_batch_size({"image": noisy[0].png})  # as bench_restore's run chose it
     scale_runs = []
     for label, n in (("N", config.count), ("10N", 10 * config.count)):
         work = repeat_work(noisy, n)
@@ -485,7 +486,6 @@ def scale_check(config: ThroughputConfig, session: Session, noisy: list[WorkImag
         progress(f"scale check: ours at {label} = {n} images")
         staged = stage_inputs(work, root, config.shard_mb)
         keys = [w.key for w in work]
-        batch_size = config.batch_size or auto_batch_size({"image": work[0].png})
         ours = run_ours(config, config.model, batch_size, staged, storage.join(root, "out"), keys, session.extra_pids)
         actors = [w for w in ours.resources.top_workers if any("RestoreActor" in r for r in w.roles)]
         scale_runs.append(ScaleRun(n, ours, max((w.peak_anon_mb for w in actors), default=0.0)))
