@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from restoration import cluster, codec, data, degrade, files, masks, metrics, runs, schemas
 from restoration.cluster import DATA_TASK_CPUS
 from restoration.errors import UserError
+from restoration.pipelines.batching import AUTO_BATCH_PIXELS, MAX_AUTO_BATCH, auto_batch_size  # noqa: F401
 
 STAGE_SCHEMA = schemas.STAGE_SCHEMA
 OUTPUT_SCHEMA = schemas.RESTORE_OUTPUT_SCHEMA
@@ -40,13 +41,6 @@ UPSCALE_FACTORS = (
 # blocks doubled the actor's peak between a 256-image run (whose whole output fits in one block) and a 2,560-image
 # one. 16 MiB is 64 restored 256 x 256 gray images (float32) and keeps the actor's peak within about a quarter.
 BLOCK_BYTES = 16 * 1024 * 1024
-# The default batch: as many images as make this many output pixels (at least 1, at most MAX_AUTO_BATCH), sized from
-# the run's first image. One batch is one actor task and one block between the operators, so small images in batches
-# of a fixed count pay the per-task costs (scheduling in the driver, the decode/encode tasks' start, Arrow and the
-# object store) many times per megapixel, and large ones make blocks of hundreds of megabytes. 2 MP is 32 images of
-# 256 x 256, 8 of 512 x 512, 1 of 2048 x 1024 and larger.
-AUTO_BATCH_PIXELS = 2 * 1024 * 1024
-MAX_AUTO_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -498,26 +492,6 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     report = _report(config, run, rows_in, model_name, run_sha256, phases, sizing)
     runs.write_manifest(run.out_uri, asdict(report))
     return report
-
-
-def auto_batch_size(
-    sample: dict | None, scale: int = 1, shrink: int = 1, max_pixels: int = codec.DEFAULT_MAX_PIXELS
-) -> int:
-    """The default batch: images of the sample's size that make AUTO_BATCH_PIXELS output pixels, 1 to MAX_AUTO_BATCH.
-
-    Args:
-        sample: the run's first input row ({"key", "image", ...}), or None (an empty input).
-        scale: the model's upscaling factor (its output has `scale`^2 times the pixels it is given).
-        shrink: the factor `--degrade lr:F` shrinks the images by before the model (1 without).
-    """
-    if sample is None:
-        return MAX_AUTO_BATCH
-    try:
-        width, height = codec.image_size(sample.get("image") or b"", max_pixels)
-    except codec.DecodeError:  # the run reports the image as an error row; the batch size does not matter for it
-        return MAX_AUTO_BATCH
-    output_pixels = (width // shrink) * (height // shrink) * scale * scale
-    return max(1, min(MAX_AUTO_BATCH, AUTO_BATCH_PIXELS // max(1, output_pixels)))
 
 
 def check_scale(config: RestoreConfig, scales: dict[str, int]) -> int:
