@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from restoration.checkpoint import load_named, save_model
-from restoration.errors import UserError
+from restoration.checkpoint import save_model
 from restoration.metrics import image_grid
 from restoration.models.dcgan import DCGAN, DCGANConfig
 from restoration.train import worker
 from restoration.train.gan_core import ema_update, feature_distance, gan_step, make_optimizers
+from restoration.train.worker import FASHION_MNIST_LABELS, label_classifier, labelled_images
 
 
 @dataclass(frozen=True)
@@ -60,12 +60,6 @@ class DCGANTrainConfig:
     def model_config(self) -> DCGANConfig:
         return DCGANConfig(self.image_size, self.channels, self.latent_dim, self.g_width, self.d_width, self.labels)
 
-
-# Fashion-MNIST's classes in the order of its label ids, spelled for the command line (`--labels sneaker:100`).
-FASHION_MNIST_LABELS = (
-    *("t-shirt", "trouser", "pullover", "dress", "coat"),
-    *("sandal", "shirt", "sneaker", "bag", "ankle-boot"),
-)
 
 PRESETS: dict[str, dict] = {
     # Minutes on 2 CPU cores: a narrow DCGAN, a few hundred steps.
@@ -187,49 +181,3 @@ def _sample(
     device = next(generator.parameters()).device
     z = torch.randn(n, cfg.latent_dim, generator=rng).to(device)
     return generator(z, None if labels is None else labels.to(device)).float().add(1).div(2).clamp(0, 1)
-
-
-def labelled_images(
-    batches, channels: int, classes: int, allow_empty: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images and class ids of pyarrow batches with `image` and `label` columns, decoded once (as
-    `worker.load_image_tensor`). Rows without a label, that do not decode, or that differ in size from the first
-    are left out (ingest reported the bad ones).
-
-    Args:
-        batches: pyarrow record batches (`worker.shard_batches`).
-        channels: channels to decode to.
-        classes: number of classes; a label outside [0, classes) is refused.
-        allow_empty: return empty tensors for no rows (a rank without validation data) instead of failing.
-    Returns:
-        (images (N, C, H, W) uint8, labels (N,) int64).
-    """
-    images, labels = [], []
-    for batch in batches:
-        if "label" not in batch.schema.names:
-            raise UserError("a class-conditional GAN trains on labelled shards: the data has no 'label' column")
-        for i, label in enumerate(batch.column("label").to_pylist()):
-            if label is None:
-                continue
-            if not 0 <= label < classes:
-                raise UserError(f"label {label} is outside the model's {classes} classes")
-            try:
-                image = worker.load_image_tensor([batch.slice(i, 1)], channels)[0]  # (C, H, W)
-            except ValueError:  # did not decode
-                continue
-            if not images or image.shape == images[0].shape:
-                images.append(image)
-                labels.append(label)
-    if not images:
-        if allow_empty:
-            return torch.zeros(0, channels, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
-        raise ValueError("no labelled, decodable images in this worker's data shard")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
-
-
-def label_classifier(cfg: DCGANTrainConfig) -> torch.nn.Module | None:
-    """The bundled Fashion-MNIST classifier (logits of (N, 1, 28, 28) images in [0, 1]) when the GAN makes ten
-    classes of 28x28 gray images, for the `label_accuracy` metric; None otherwise."""
-    if (len(cfg.labels), cfg.channels, cfg.image_size) != (10, 1, 28):
-        return None
-    return load_named("fmnist-classifier", expected_kind="classifier").module.eval()

@@ -204,3 +204,60 @@ def maybe_fail(config: Any, epoch: int, start_epoch: int) -> None:
     """Fault injection for tests and drills: raise once, at `fail_at_epoch`, in an attempt that started from scratch."""
     if getattr(config, "fail_at_epoch", -1) == epoch and start_epoch == 0 and world()[0] == 0:
         raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")
+
+
+# --- Labelled data (class-conditional models) ---------------------------------------------------------------------
+# Fashion-MNIST's classes in the order of its label ids, spelled for the command line (`--labels sneaker:100`).
+FASHION_MNIST_LABELS = (
+    *("t-shirt", "trouser", "pullover", "dress", "coat"),
+    *("sandal", "shirt", "sneaker", "bag", "ankle-boot"),
+)
+
+
+def labelled_images(
+    batches, channels: int, classes: int, allow_empty: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and class ids of pyarrow batches with `image` and `label` columns, decoded once (as
+    `load_image_tensor`). Rows without a label, that do not decode, or that differ in size from the first
+    are left out (ingest reported the bad ones).
+
+    Args:
+        batches: pyarrow record batches (`shard_batches`).
+        channels: channels to decode to.
+        classes: number of classes; a label outside [0, classes) is refused.
+        allow_empty: return empty tensors for no rows (a rank without validation data) instead of failing.
+    Returns:
+        (images (N, C, H, W) uint8, labels (N,) int64).
+    """
+    images, labels = [], []
+    for batch in batches:
+        if "label" not in batch.schema.names:
+            raise UserError("a class-conditional model trains on labelled shards: the data has no 'label' column")
+        for i, label in enumerate(batch.column("label").to_pylist()):
+            if label is None:
+                continue
+            if not 0 <= label < classes:
+                raise UserError(f"label {label} is outside the model's {classes} classes")
+            try:
+                image = load_image_tensor([batch.slice(i, 1)], channels)[0]  # (C, H, W)
+            except ValueError:  # did not decode
+                continue
+            if not images or image.shape == images[0].shape:
+                images.append(image)
+                labels.append(label)
+    if not images:
+        if allow_empty:
+            return torch.zeros(0, channels, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+        raise ValueError("no labelled, decodable images in this worker's data shard")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def label_classifier(cfg: Any) -> torch.nn.Module | None:
+    """The bundled Fashion-MNIST classifier (logits of (N, 1, 28, 28) images in [0, 1]) when a conditional model
+    (a train config with `labels`, `channels`, `image_size`) makes ten classes of 28x28 gray images, for the
+    `label_accuracy` metric; None otherwise."""
+    from restoration.checkpoint import load_named
+
+    if (len(cfg.labels), cfg.channels, cfg.image_size) != (10, 1, 28):
+        return None
+    return load_named("fmnist-classifier", expected_kind="classifier").module.eval()
