@@ -212,6 +212,8 @@ def check_generator(loaded: LoadedModel, name: str) -> LoadedModel:
 def latent_source(loaded: LoadedModel) -> str:
     """Where a generator's latents come from, for the tables."""
     k = getattr(loaded.config, "prior_components", 0)
+    if k and class_names(loaded):  # a conditional VAE: one mixture per class
+        return f"a {k}-component mixture per class fitted to q(z|x, y)"
     return f"a {k}-component mixture fitted to q(z)" if k else "N(0, I)"
 
 

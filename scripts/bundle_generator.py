@@ -10,7 +10,8 @@ the FID measured by `restoration bench fid` on N samples (features of the bundle
 class-conditional model also the share of its samples the classifier puts in the class asked for, the classifier's
 accuracy on the real test images, and the FID per class.
 `--prior-components K` gives a VAE trained without a sampling prior the one the `prior_components` training option
-fits at every checkpoint (`fit_latent_prior`, on 20,000 images of the Fashion-MNIST train split, seed 0).
+fits at every checkpoint (`fit_latent_prior`, on 20,000 images of the Fashion-MNIST train split, seed 0); a
+class-conditional VAE gets K components per class, each class's mixture fitted to that class's images among them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from restoration.checkpoint import WEIGHTS_DIR, LoadedModel, load_model, save_mo
 TASKS = {
     "dcgan": "DCGAN on Fashion-MNIST 28x28; the generator in the file is the EMA generator",
     "vae": "convolutional VAE (Bernoulli likelihood) on Fashion-MNIST 28x28: sampling, reconstruction, interpolation",
+    "cvae": "convolutional VAE (Bernoulli likelihood) on Fashion-MNIST 28x28: sampling, interpolation between classes",
 }
 CONDITIONAL = "class-conditional ({classes} classes, names in the file and under `labels`) "
 
@@ -46,7 +48,8 @@ def checkpoint_metrics(run: Path, model_file: Path) -> dict:
 
 def with_fitted_prior(loaded: LoadedModel, components: int, images: int = 20_000, seed: int = 0):
     """The VAE of `loaded` rebuilt with a `components`-mixture sampling prior fitted to its aggregate posterior on
-    `images` images of the Fashion-MNIST train split. Returns (LoadedModel, the fit's summary)."""
+    `images` images of the Fashion-MNIST train split (per class, with their labels, for a conditional VAE).
+    Returns (LoadedModel, the fit's summary)."""
     import dataclasses
 
     import numpy as np
@@ -60,9 +63,11 @@ def with_fitted_prior(loaded: LoadedModel, components: int, images: int = 20_000
     vae = VAE(config)
     missing = vae.load_state_dict(loaded.module.state_dict(), strict=False).missing_keys
     assert all(key.startswith("prior_") for key in missing), missing
-    train = torch.from_numpy(read_fashion_mnist("train")[0].copy())[:, None]  # (N, 1, 28, 28) uint8
+    train_x, train_y = read_fashion_mnist("train")
+    train = torch.from_numpy(train_x.copy())[:, None]  # (N, 1, 28, 28) uint8
     subset = torch.from_numpy(np.random.default_rng([seed, 0]).permutation(len(train))[:images])
-    summary = fit_latent_prior(vae, train[subset], seed=seed)
+    labels = torch.from_numpy(train_y.astype(np.int64))[subset] if config.labels else None
+    summary = fit_latent_prior(vae, train[subset], seed=seed, labels=labels)
     return dataclasses.replace(loaded, config=config, module=vae.eval()), summary
 
 
@@ -74,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-file", type=Path, default=None, help="default: RUN/model.pt (the run's export)")
     parser.add_argument("--wall-seconds", type=float, default=None, help="training wall time")
     parser.add_argument("--fid", type=int, default=0, help="also measure FID on this many samples")
-    parser.add_argument("--prior-components", type=int, default=0, help="VAE: fit a mixture sampling prior of K")
+    parser.add_argument(
+        "--prior-components", type=int, default=0, help="VAE: fit a mixture sampling prior of K (per class)"
+    )
     args = parser.parse_args(argv)
 
     model_file = args.model_file or args.run / "model.pt"
@@ -97,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         "name": args.name,
         "file": target.name,
         "sha256": loaded.sha256,
-        "task": (CONDITIONAL.format(classes=len(labels)) if labels else "") + TASKS[loaded.kind],
+        "task": (CONDITIONAL.format(classes=len(labels)) if labels else "")
+        + TASKS["cvae" if labels and loaded.kind == "vae" else loaded.kind],
         "model": {"kind": loaded.kind, **vars(loaded.config)},
         "trained_on": "Fashion-MNIST train split (60,000 images), 1 in 20 held out for the score",
         "training": {

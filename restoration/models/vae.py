@@ -23,6 +23,14 @@ With `prior_components = K > 0` the model also holds a K-component Gaussian mixt
 after training to samples of q(z) (ex-post density estimation, as in P. Ghosh et al., "From Variational to
 Deterministic Autoencoders", ICLR 2020), and `sample` draws z from it; the loss is untouched. On the bundled
 Fashion-MNIST model it lowers FID from 103.7 to about 51 (README, Quality).
+
+Class-conditional when `VAEConfig.labels` names the classes (empty: unconditional, the files from before): the
+conditional VAE of K. Sohn, H. Lee, X. Yan, "Learning Structured Output Representation using Deep Conditional
+Generative Models", NeurIPS 2015, with the class y as the condition. The encoder q(z|x, y) reads y's one-hot vector
+beside its conv features, the decoder p(x|z, y) beside z; the prior p(z|y) is N(0, I) and the ELBO keeps its form.
+Both read y through a linear layer, so the decoder also takes soft conditions (B, classes) between one-hot vectors:
+that is how one z is moved from one class to another (`restoration synthesize --mode interpolate --labels A,B`).
+The sampling prior of a conditional VAE is one K-component mixture per class, fitted to that class's q(z|x, y).
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from restoration.models.dcgan import check_class_ids, check_label_names
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 # Number of stride-2 stages and the spatial side they reach: 28 -> 14 -> 7; 32 -> 16 -> 8 -> 4; 64 -> ... -> 4.
@@ -52,8 +62,11 @@ class VAEConfig:
     likelihood: str = "bernoulli"  # "bernoulli" (decoder outputs logits) or "gaussian" (decoder outputs means)
     beta: float = 1.0  # weight of the KL term (beta-VAE when != 1)
     prior_components: int = 0  # 0: sample z ~ N(0, I); K: from a K-component mixture fitted to the posterior
+    labels: tuple[str, ...] = ()  # class names, index = class id; empty: unconditional (mixture prior: K per class)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(self.labels))  # a JSON round trip gives a list
+        check_label_names(self.labels, "VAEConfig.labels")
         if self.image_size not in LAYOUTS:
             raise ValueError(
                 f"VAEConfig.image_size={self.image_size!r}: expected one of {', '.join(map(str, LAYOUTS))}"
@@ -72,6 +85,11 @@ class VAEConfig:
         beta = self.beta
         if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not (0 <= beta < math.inf):
             raise ValueError(f"VAEConfig.beta={beta!r}: expected a finite number >= 0")
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes: 0 for an unconditional VAE."""
+        return len(self.labels)
 
 
 def stage_widths(config: VAEConfig) -> list[int]:
@@ -151,7 +169,8 @@ def elbo_loss(
 
 
 class Encoder(nn.Module):
-    """x (B, C, S, S) in [0, 1] -> (mu, logvar), each (B, latent_dim): stride-2 4x4 convs, then one linear layer."""
+    """x (B, C, S, S) in [0, 1] [, condition (B, classes)] -> (mu, logvar), each (B, latent_dim): stride-2 4x4 convs,
+    then one linear layer (over the conv features and, when conditional, the one-hot class)."""
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -163,19 +182,22 @@ class Encoder(nn.Module):
             layers += [nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1), nn.ReLU()]
             in_channels = out_channels
         self.convs = nn.Sequential(*layers)
-        self.head = nn.Linear(in_channels * side * side, 2 * config.latent_dim)
+        self.head = nn.Linear(in_channels * side * side + config.num_classes, 2 * config.latent_dim)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         c, s = self.config.channels, self.config.image_size
         if x.ndim != 4 or tuple(x.shape[1:]) != (c, s, s):
             raise ValueError(f"VAE expects input of shape (B, {c}, {s}, {s}), got {tuple(x.shape)}")
-        h = self.convs(x)  # (B, width * 2^(stages-1), side, side)
-        mu, logvar = self.head(h.flatten(1)).chunk(2, dim=1)  # (B, D), (B, D)
+        h = self.convs(x).flatten(1)  # (B, width * 2^(stages-1) * side * side)
+        if condition is not None:
+            h = torch.cat([h, condition], dim=1)  # (B, features + classes)
+        mu, logvar = self.head(h).chunk(2, dim=1)  # (B, D), (B, D)
         return mu, logvar
 
 
 class Decoder(nn.Module):
-    """z (B, latent_dim) -> (B, C, S, S) logits or means: one linear layer, then stride-2 4x4 transposed convs."""
+    """z (B, latent_dim) [, condition (B, classes)] -> (B, C, S, S) logits or means: one linear layer (over z and,
+    when conditional, the class vector), then stride-2 4x4 transposed convs."""
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -183,23 +205,26 @@ class Decoder(nn.Module):
         _, self.side = LAYOUTS[config.image_size]
         widths = stage_widths(config)[::-1]  # e.g. [4w, 2w, w] for 32
         self.top = widths[0]
-        self.project = nn.Linear(config.latent_dim, self.top * self.side * self.side)
+        self.project = nn.Linear(config.latent_dim + config.num_classes, self.top * self.side * self.side)
         layers = []
         for in_channels, out_channels in zip(widths, widths[1:] + [config.channels], strict=True):
             # k=4, s=2, p=1 doubles the side exactly: (S - 1) * 2 - 2 + 4 = 2 S.
             layers += [nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1), nn.ReLU()]
         self.deconvs = nn.Sequential(*layers[:-1])  # no ReLU after the last layer: it outputs logits or means
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
         d = self.config.latent_dim
         if z.ndim != 2 or z.shape[1] != d:
             raise ValueError(f"VAE decoder expects z of shape (B, {d}), got {tuple(z.shape)}")
+        if condition is not None:
+            z = torch.cat([z, condition], dim=1)  # (B, D + classes)
         h = F.relu(self.project(z)).view(-1, self.top, self.side, self.side)  # (B, top, side, side)
         return self.deconvs(h)  # (B, C, S, S)
 
 
 class VAE(nn.Module):
-    """Convolutional VAE with a diagonal Gaussian posterior and a standard normal prior."""
+    """Convolutional VAE with a diagonal Gaussian posterior and a standard normal prior; class-conditional (CVAE)
+    when `config.labels` is set, and then every method that encodes or decodes takes the classes `labels`."""
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -208,15 +233,43 @@ class VAE(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        k, d = config.prior_components, config.latent_dim
+        k, d, c = config.prior_components, config.latent_dim, config.num_classes
         if k:
-            # The sampling prior: mixture weights, means and Cholesky factors of the covariances. Until `set_prior`
-            # it is K copies of N(0, I), which is N(0, I) itself.
-            self.register_buffer("prior_weights", torch.full((k,), 1.0 / k))  # (K,)
-            self.register_buffer("prior_means", torch.zeros(k, d))  # (K, D)
-            self.register_buffer("prior_scale_tril", torch.eye(d).repeat(k, 1, 1))  # (K, D, D)
+            # The sampling prior: mixture weights, means and Cholesky factors of the covariances, one mixture per
+            # class for a conditional VAE (a leading (classes,) dimension). Until `set_prior` it is K copies of
+            # N(0, I), which is N(0, I) itself.
+            lead = (c,) if c else ()
+            self.register_buffer("prior_weights", torch.full((*lead, k), 1.0 / k))  # ([C,] K)
+            self.register_buffer("prior_means", torch.zeros(*lead, k, d))  # ([C,] K, D)
+            self.register_buffer("prior_scale_tril", torch.eye(d).repeat(*lead, k, 1, 1))  # ([C,] K, D, D)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def condition(self, labels: Tensor | None, n: int) -> Tensor | None:
+        """The class vectors the nets read: None for an unconditional VAE, else one-hot vectors of class ids.
+
+        Args:
+            labels: (n,) int64 class ids, or (n, classes) floating-point class weights (rows of non-negative weights
+                summing to 1, e.g. (1 - a) onehot(i) + a onehot(j) between two classes); None for an unconditional VAE.
+            n: the batch size the labels must match.
+        Returns:
+            None, or (n, classes) in the decoder's dtype and on its device.
+        """
+        c = self.config.num_classes
+        weight = self.decoder.project.weight
+        if labels is not None and labels.is_floating_point():
+            if not c:
+                raise ValueError("VAE is unconditional: it takes no labels")
+            if labels.shape != (n, c) or (labels < 0).any() or (labels.sum(1) - 1).abs().max() > 1e-4:
+                raise ValueError(
+                    f"VAE class weights must have shape ({n}, {c}), be >= 0 and sum to 1 per row, "
+                    f"got shape {tuple(labels.shape)}"
+                )
+            return labels.to(weight.device, weight.dtype)
+        check_class_ids(labels, n, c, "VAE")
+        return None if labels is None else F.one_hot(labels.to(weight.device), c).to(weight.dtype)
+
+    def forward(
+        self, x: Tensor, generator: torch.Generator | None = None, labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Encode, draw z, decode: what the ELBO needs.
 
         In training mode z is a reparameterised sample of q(z|x) (drawn with `generator`); in eval mode z = mu, so
@@ -225,38 +278,43 @@ class VAE(nn.Module):
         Args:
             x: (B, C, S, S) images in [0, 1].
             generator: source of the posterior sample in training mode.
+            labels: (B,) int64 class ids of a conditional VAE (None for an unconditional one).
         Returns:
             (recon, mu, logvar): (B, C, S, S) logits ("bernoulli") or means ("gaussian"), and (B, D) twice.
         """
-        mu, logvar = self.encoder(x)  # (B, D), (B, D)
+        y = self.condition(labels, x.shape[0])  # (B, classes) or None
+        mu, logvar = self.encoder(x, y)  # (B, D), (B, D)
         z = reparameterize(mu, logvar, generator) if self.training else mu  # (B, D)
-        return self.decoder(z), mu, logvar
+        return self.decoder(z, y), mu, logvar
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, C, S, S) images in [0, 1] -> (mu, logvar), each (B, D)."""
-        return self.encoder(x)
+    def encode(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(B, C, S, S) images in [0, 1] [and their classes (B,)] -> (mu, logvar), each (B, D)."""
+        return self.encoder(x, self.condition(labels, x.shape[0]))
 
-    def decode(self, z: Tensor) -> Tensor:
-        """(B, D) latents -> (B, C, S, S) images in [0, 1]: the mean of p(x|z)."""
-        out = self.decoder(z)
+    def decode(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        """(B, D) latents [and classes: (B,) ids or (B, classes) weights] -> (B, C, S, S) images in [0, 1]: the mean
+        of p(x|z[, y])."""
+        out = self.decoder(z, self.condition(labels, z.shape[0]))
         # The mean of a Bernoulli is sigmoid(logit); a Gaussian mean is unbounded, so clamp it to the pixel range.
         return torch.sigmoid(out) if self.config.likelihood == "bernoulli" else out.clamp(0, 1)
 
     def set_prior(self, weights: Tensor, means: Tensor, scale_tril: Tensor) -> None:
         """Set the sampling prior's mixture: weights (K,) summing to 1, means (K, D), lower-triangular Cholesky
-        factors (K, D, D) of the covariances with positive diagonals."""
+        factors (K, D, D) of the covariances with positive diagonals; a conditional VAE takes one mixture per class,
+        (classes, K), (classes, K, D), (classes, K, D, D), each class's weights summing to 1."""
         k, d = self.config.prior_components, self.config.latent_dim
         if not k:
             raise ValueError("this VAE samples from N(0, I): build it with VAEConfig.prior_components > 0")
         weights, means, scale_tril = (
             torch.as_tensor(t, dtype=self.prior_means.dtype) for t in (weights, means, scale_tril)
         )
-        if weights.shape != (k,) or means.shape != (k, d) or scale_tril.shape != (k, d, d):
+        lead = tuple(self.prior_weights.shape[:-1])  # (classes,) or ()
+        if weights.shape != (*lead, k) or means.shape != (*lead, k, d) or scale_tril.shape != (*lead, k, d, d):
             raise ValueError(
                 f"prior of shapes {tuple(weights.shape)}, {tuple(means.shape)}, {tuple(scale_tril.shape)}: "
-                f"expected ({k},), ({k}, {d}), ({k}, {d}, {d})"
+                f"expected {(*lead, k)}, {(*lead, k, d)}, {(*lead, k, d, d)}"
             )
-        if (weights < 0).any() or abs(float(weights.sum()) - 1) > 1e-4:
+        if (weights < 0).any() or (weights.sum(-1) - 1).abs().max() > 1e-4:
             raise ValueError("prior weights must be >= 0 and sum to 1")
         if not torch.equal(scale_tril, scale_tril.tril()) or (scale_tril.diagonal(dim1=-2, dim2=-1) <= 0).any():
             raise ValueError("prior scale_tril must be lower-triangular with a positive diagonal")
@@ -264,30 +322,44 @@ class VAE(nn.Module):
         self.prior_means.copy_(means)
         self.prior_scale_tril.copy_(scale_tril)
 
-    def prior_latents(self, eps: Tensor, u: Tensor) -> Tensor:
+    def prior_latents(self, eps: Tensor, u: Tensor, labels: Tensor | None = None) -> Tensor:
         """Map standard normal draws to draws of the sampling prior.
 
         Args:
             eps: (B, D) draws of N(0, I).
             u: (B,) draws of U[0, 1) choosing each row's mixture component (unused with the N(0, I) prior).
+            labels: a conditional VAE's classes: (B,) ids, each row drawn from its class's mixture, or (B, classes)
+                weights, each row drawn from the classes' mixtures mixed by them (0.5/0.5: a z typical of both
+                classes, which `--mode interpolate --labels A,B` keeps while the condition moves).
         Returns:
             (B, D) latents: eps itself, or mean_k + L_k eps with k the component whose cumulative weight passes u.
         """
         if not self.config.prior_components:
             return eps
-        cumulative = self.prior_weights.double().cumsum(0)  # (K,)
-        u = u.to(cumulative.device, torch.float64).contiguous()
-        k = torch.searchsorted(cumulative, u, right=True).clamp_max(len(cumulative) - 1)  # (B,)
-        means, tril = self.prior_means.to(eps.dtype)[k], self.prior_scale_tril.to(eps.dtype)[k]  # (B, D), (B, D, D)
+        weights, means, tril = self.prior_weights.double(), self.prior_means, self.prior_scale_tril
+        u = u.to(weights.device, torch.float64).contiguous()
+        if self.config.num_classes:
+            # Every class's components side by side, weighted by the row's class weights: (B, classes * K).
+            y = self.condition(labels, eps.shape[0]).to(weights.device, torch.float64)  # (B, classes)
+            cumulative = (y[:, :, None] * weights).flatten(1).cumsum(1)  # (B, classes * K)
+            k = torch.searchsorted(cumulative, u[:, None], right=True)[:, 0]  # (B,)
+            means, tril = means.flatten(0, 1), tril.flatten(0, 1)  # (classes * K, D), (classes * K, D, D)
+        else:
+            cumulative = weights.cumsum(0)  # (K,)
+            k = torch.searchsorted(cumulative, u, right=True)  # (B,)
+        k = k.clamp_max(len(means) - 1)
+        means, tril = means.to(eps.dtype)[k], tril.to(eps.dtype)[k]  # (B, D), (B, D, D)
         return means + (tril @ eps.unsqueeze(-1)).squeeze(-1)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, labels: Tensor | None = None) -> Tensor:
         """Draw n images from the model: z from the sampling prior (N(0, I) or the fitted mixture), then `decode`.
 
         Args:
             n: number of images (>= 0).
             generator: source of z, drawn on the generator's device and moved to the model's, so a CPU generator
                 gives the same latents on any device; None uses the global generator of the model's device.
+            labels: (n,) int64 class ids for a conditional VAE (None: classes drawn uniformly from `generator`,
+                after z and the component draws); must be None for an unconditional one.
         Returns:
             (n, C, S, S) images in [0, 1] on the model's device.
         """
@@ -297,11 +369,18 @@ class VAE(nn.Module):
         device = weight.device if generator is None else generator.device
         z = torch.randn((n, self.config.latent_dim), generator=generator, device=device, dtype=weight.dtype)
         z = z.to(weight.device)
+        u = (
+            torch.rand((n,), generator=generator, device=device, dtype=torch.float64)
+            if self.config.prior_components
+            else None
+        )
+        if labels is None and self.config.num_classes:
+            labels = torch.randint(self.config.num_classes, (n,), generator=generator, device=device)
         if self.config.prior_components:
-            z = self.prior_latents(z, torch.rand((n,), generator=generator, device=device, dtype=torch.float64))
-        return self.decode(z)  # (n, C, S, S)
+            z = self.prior_latents(z, u, labels)
+        return self.decode(z, labels)  # (n, C, S, S)
 
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Deterministic reconstruction decode(mu(x)): (B, C, S, S) in [0, 1] -> (B, C, S, S) in [0, 1]."""
-        mu, _ = self.encoder(x)
-        return self.decode(mu)
+    def reconstruct(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Deterministic reconstruction decode(mu(x[, y])): (B, C, S, S) in [0, 1] -> (B, C, S, S) in [0, 1]."""
+        mu, _ = self.encode(x, labels)
+        return self.decode(mu, labels)

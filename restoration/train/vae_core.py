@@ -52,6 +52,7 @@ def vae_step(
     x: Tensor,
     beta: float,
     generator: torch.Generator | None = None,
+    labels: Tensor | None = None,
 ) -> dict[str, float]:
     """One optimisation step on the negative ELBO, with one reparameterised posterior sample per image.
 
@@ -64,12 +65,13 @@ def vae_step(
         x: (B, C, S, S) images in [0, 1], on the model's device.
         beta: weight of the KL term for this step (see `kl_weight`).
         generator: source of the posterior samples, on the model's device or the CPU.
+        labels: (B,) int64 class ids of a conditional VAE, on the model's device (None for an unconditional one).
     Returns:
         {"loss", "recon", "kl"}: batch means in nats per image, before the update.
     """
     vae = _unwrap(model)
     model.train()
-    recon, mu, logvar = model(x, generator=generator)  # (B, C, S, S), (B, D), (B, D)
+    recon, mu, logvar = model(x, generator=generator, labels=labels)  # (B, C, S, S), (B, D), (B, D)
     losses = elbo_loss(x, recon, mu, logvar, vae.config.likelihood, beta)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
@@ -80,7 +82,9 @@ def vae_step(
 
 
 @torch.no_grad()
-def evaluate_elbo(model: nn.Module, images: Tensor, batch_size: int = 256, seed: int = 0) -> dict[str, float]:
+def evaluate_elbo(
+    model: nn.Module, images: Tensor, batch_size: int = 256, seed: int = 0, labels: Tensor | None = None
+) -> dict[str, float]:
     """Negative ELBO (beta = 1) of held-out images, with one posterior sample per image from a fixed seed.
 
     The samples are drawn on the CPU from `seed`, so the same model and images give the same numbers on any device
@@ -91,6 +95,7 @@ def evaluate_elbo(model: nn.Module, images: Tensor, batch_size: int = 256, seed:
         images: (N, C, S, S) floating-point images in [0, 1], on any device.
         batch_size: images per forward pass.
         seed: seed of the posterior samples.
+        labels: (N,) int64 class ids of the images, for a conditional VAE.
     Returns:
         {"neg_elbo", "recon", "kl"}: means over the images, in nats per image (neg_elbo = recon + kl).
     """
@@ -117,9 +122,10 @@ def evaluate_elbo(model: nn.Module, images: Tensor, batch_size: int = 256, seed:
     try:
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device=parameter.device, dtype=parameter.dtype)
-            mu, logvar = vae.encode(x)  # (b, D), (b, D)
+            y = None if labels is None else vae.condition(labels[start : start + len(x)], len(x))  # (b, classes)
+            mu, logvar = vae.encoder(x, y)  # (b, D), (b, D)
             z = mu + torch.exp(0.5 * logvar) * eps[start : start + len(x)].to(mu.device)  # (b, D), reparameterised
-            recon = vae.decoder(z)  # (b, C, S, S) logits or means
+            recon = vae.decoder(z, y)  # (b, C, S, S) logits or means
             recon_sum += reconstruction_nll(x, recon, vae.config.likelihood).double().sum()
             kl_sum += kl_divergence(mu, logvar).double().sum()
     finally:
@@ -129,7 +135,9 @@ def evaluate_elbo(model: nn.Module, images: Tensor, batch_size: int = 256, seed:
 
 
 @torch.no_grad()
-def fit_latent_prior(model: nn.Module, images: Tensor, seed: int = 0, batch_size: int = 1000) -> dict[str, float]:
+def fit_latent_prior(
+    model: nn.Module, images: Tensor, seed: int = 0, batch_size: int = 1000, labels: Tensor | None = None
+) -> dict[str, float]:
     """Fit the VAE's sampling prior to its aggregate posterior q(z) and store it in the model (`VAE.set_prior`).
 
     One z ~ q(z|x) per image, then a Gaussian mixture with `prior_components` full-covariance components, fitted by EM
@@ -141,9 +149,12 @@ def fit_latent_prior(model: nn.Module, images: Tensor, seed: int = 0, batch_size
         images: (N, C, S, S) images, uint8 or floating point in [0, 1], N >= prior_components; on any device.
         seed: seeds the posterior draws and the mixture's initialisation.
         batch_size: images per encoder pass.
+        labels: (N,) int64 class ids of the images, for a conditional VAE: one mixture per class, fitted to the draws
+            of q(z|x, y) of that class's images (each class needs >= prior_components images).
     Returns:
         {"components", "images", "iterations", "log_likelihood"}: the last is the mean log density of the draws
-        under the fitted mixture, in nats per image.
+        under the fitted mixture, in nats per image (for a conditional VAE: under their class's mixture; iterations:
+        the most any class's fit took).
     """
     from sklearn.mixture import GaussianMixture
 
@@ -153,6 +164,13 @@ def fit_latent_prior(model: nn.Module, images: Tensor, seed: int = 0, batch_size
         raise ValueError("the model samples from N(0, I): build it with prior_components > 0 to fit a prior")
     if images.ndim != 4 or len(images) < k:
         raise ValueError(f"images of shape {tuple(images.shape)}: expected (N, C, S, S) with N >= {k} (components)")
+    classes = vae.config.num_classes
+    if classes and (labels is None or labels.shape != (len(images),)):
+        raise ValueError(f"a conditional VAE's prior is fitted per class: expected labels of shape ({len(images)},)")
+    if classes:
+        counts = torch.bincount(labels.cpu(), minlength=classes)
+        if int(counts.min()) < k:
+            raise ValueError(f"class {int(counts.argmin())} has {int(counts.min())} images: expected >= {k} per class")
     parameter = vae.decoder.project.weight
     generator = torch.Generator().manual_seed(seed)
     was_training = vae.training
@@ -162,23 +180,25 @@ def fit_latent_prior(model: nn.Module, images: Tensor, seed: int = 0, batch_size
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(parameter.device)
             x = x.to(parameter.dtype).div(255) if not x.is_floating_point() else x.to(parameter.dtype)
-            mu, logvar = vae.encode(x)  # (b, D), (b, D)
+            mu, logvar = vae.encode(x, None if labels is None else labels[start : start + batch_size])  # (b, D) x2
             eps = torch.randn(mu.shape, generator=generator, dtype=torch.float64)  # drawn on the CPU: any device
             draws.append(mu.double().cpu() + torch.exp(0.5 * logvar.double().cpu()) * eps)
     finally:
         vae.train(was_training)
     z = torch.cat(draws).numpy()  # (N, D) float64
-    mixture = GaussianMixture(k, covariance_type="full", max_iter=200, random_state=seed).fit(z)
-    vae.set_prior(
-        torch.from_numpy(mixture.weights_ / mixture.weights_.sum()),
-        torch.from_numpy(mixture.means_),
-        torch.from_numpy(np.linalg.cholesky(mixture.covariances_)),
-    )
+    groups = [labels.cpu().numpy() == c for c in range(classes)] if classes else [np.ones(len(z), bool)]
+    fits = [GaussianMixture(k, covariance_type="full", max_iter=200, random_state=seed).fit(z[g]) for g in groups]
+    prior = [
+        np.stack([m.weights_ / m.weights_.sum() for m in fits]),  # (groups, K)
+        np.stack([m.means_ for m in fits]),  # (groups, K, D)
+        np.stack([np.linalg.cholesky(m.covariances_) for m in fits]),  # (groups, K, D, D)
+    ]
+    vae.set_prior(*(torch.from_numpy(t if classes else t[0]) for t in prior))
     return {
         "components": k,
         "images": len(z),
-        "iterations": int(mixture.n_iter_),
-        "log_likelihood": float(mixture.score(z)),
+        "iterations": max(int(m.n_iter_) for m in fits),
+        "log_likelihood": float(sum(m.score(z[g]) * g.sum() for m, g in zip(fits, groups, strict=True)) / len(z)),
     }
 
 
@@ -198,13 +218,14 @@ def _grid(images: Tensor, columns: int, pad: int = 2) -> np.ndarray:
 
 
 @torch.no_grad()
-def reconstruction_grid(model: nn.Module, x: Tensor, n: int = 8) -> np.ndarray:
+def reconstruction_grid(model: nn.Module, x: Tensor, n: int = 8, labels: Tensor | None = None) -> np.ndarray:
     """Originals on the first row, their deterministic reconstructions decode(mu) on the second.
 
     Args:
         model: a `VAE`, or a DDP-wrapped one.
         x: (B, C, S, S) images in [0, 1]; the first min(n, B) are shown.
         n: images per row.
+        labels: (B,) int64 class ids of the images, for a conditional VAE.
     Returns:
         (H, W, 3) uint8 picture of 2 rows of min(n, B) images.
     """
@@ -213,13 +234,14 @@ def reconstruction_grid(model: nn.Module, x: Tensor, n: int = 8) -> np.ndarray:
         raise ValueError(f"need n >= 1 and at least one image, got n={n!r} and {len(x)} images")
     parameter = vae.decoder.project.weight
     originals = x[:n].to(device=parameter.device, dtype=parameter.dtype)  # (n, C, S, S)
-    recons = vae.reconstruct(originals)  # (n, C, S, S)
+    recons = vae.reconstruct(originals, None if labels is None else labels[:n])  # (n, C, S, S)
     return _grid(torch.cat([originals, recons]), columns=len(originals))
 
 
 @torch.no_grad()
 def prior_grid(model: nn.Module, n: int = 64, seed: int = 0) -> np.ndarray:
     """n samples of the sampling prior decoded, in a near-square grid; the same seed gives the same picture on any device.
+    A conditional VAE's grid has one class per row instead, ceil(n / classes) images each.
 
     Args:
         model: a `VAE`, or a DDP-wrapped one.
@@ -231,5 +253,11 @@ def prior_grid(model: nn.Module, n: int = 64, seed: int = 0) -> np.ndarray:
     vae = _unwrap(model)
     if n < 1:
         raise ValueError(f"n={n!r}: expected >= 1")
+    classes = vae.config.num_classes
+    if classes:
+        columns = math.ceil(n / classes)
+        labels = torch.arange(classes).repeat_interleave(columns)  # (classes * columns,)
+        samples = vae.sample(len(labels), generator=torch.Generator().manual_seed(seed), labels=labels)
+        return _grid(samples, columns=columns)
     samples = vae.sample(n, generator=torch.Generator().manual_seed(seed))  # (n, C, S, S)
     return _grid(samples, columns=math.ceil(math.sqrt(n)))
