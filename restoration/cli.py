@@ -227,14 +227,17 @@ def _pairs(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def _label_counts(text: str) -> tuple[tuple[str, int], ...]:
-    """`--labels sneaker:10000,bag:5000` (class names or ids) -> (("sneaker", 10000), ("bag", 5000))."""
+def _label_counts(text: str) -> tuple[tuple[str, int | None], ...]:
+    """`--labels sneaker:10000,bag:5000` (class names or ids) -> (("sneaker", 10000), ("bag", 5000)); a name without
+    a count (`--mode interpolate --labels sneaker,bag`) gets None."""
     labels = []
     for part in text.split(","):
-        name, _, count = part.partition(":")
-        if not name or not count.isdigit() or int(count) < 1:
-            raise argparse.ArgumentTypeError(f"expected NAME:COUNT[,NAME:COUNT...] with counts >= 1, got {part!r}")
-        labels.append((name, int(count)))
+        name, colon, count = part.partition(":")
+        if not name or (colon and (not count.isdigit() or int(count) < 1)):
+            raise argparse.ArgumentTypeError(
+                f"expected NAME:COUNT[,NAME:COUNT...] with counts >= 1 (interpolate: NAME,NAME), got {part!r}"
+            )
+        labels.append((name, int(count) if colon else None))
     return tuple(labels)
 
 
@@ -249,13 +252,19 @@ def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
         help="output folder or S3 prefix; the run writes OUT/run_id=<id>/",
     )
     p.add_argument("--mode", choices=["sample", "interpolate", "reconstruct"], default="sample")
-    p.add_argument("--count", type=_positive_int, default=None, help="sample mode: number of images")
+    p.add_argument(
+        "--count",
+        type=_positive_int,
+        default=None,
+        help="sample mode: number of images; interpolate --labels: sequences",
+    )
     p.add_argument(
         "--labels",
         type=_label_counts,
         default=None,
         metavar="NAME:COUNT,...",
-        help="class-conditional models: how many images of each class (names or ids), in index order",
+        help="class-conditional models: how many images of each class (names or ids), in index order; "
+        "--mode interpolate --labels A,B: a conditional VAE moved from class A to class B, --steps images each",
     )
     p.add_argument("--label", default=None, metavar="NAME", help="class-conditional models: --count images of NAME")
     p.add_argument("--seed", type=int, default=0, help="row i's latent comes from (seed, i) alone")

@@ -383,6 +383,26 @@ def label_ids(labels: tuple[tuple[str, int], ...], known: tuple[str, ...], model
     return ids
 
 
+def check_labels(config, known: tuple[str, ...], model: str) -> list[tuple[int, int | None]]:
+    """The classes a run asks for (`label_ids`), by mode: sample mode's (id, count) list; interpolation between
+    labels' two (id, None); none for the modes that start from input images, which a conditional VAE does not serve
+    (its encoder needs each image's class). Raises UserError in one line.
+
+    Args:
+        config: the run's `SynthesizeConfig`.
+        known: the model's class names (empty for an unconditional model).
+        model: what errors call the model.
+    """
+    if config.mode == "sample" or config.labels:
+        return label_ids(config.labels, known, model)
+    if known:
+        raise UserError(
+            f"{model} is class-conditional: --mode {config.mode} of input images needs an unconditional VAE "
+            "(a conditional one moves between classes with --mode interpolate --labels A,B)"
+        )
+    return []
+
+
 def row_labels(ids: list[tuple[int, int]], indices: list[int]) -> list[int] | None:
     """Class id of each row index when the classes `ids` ((id, count), in order) are laid out in index order; None
     for an unconditional run."""
@@ -406,7 +426,7 @@ class GeneratorActor:
         self.loaded = load_generator(config.model, config.mode)
         known = tuple(getattr(self.loaded.config, "labels", ()))
         name = model_label(config.model)
-        self.label_ids = label_ids(config.labels, known, name) if config.mode == "sample" else []
+        self.label_ids = check_labels(config, known, name)
         self.device = default_device()
         self.dtype = {"float64": torch.float64, "float32": torch.float32, "bf16": torch.float32}[config.precision]
         self.module = self.loaded.module.to(self.device, self.dtype).eval()
@@ -431,13 +451,39 @@ class GeneratorActor:
         for start in range(0, len(indices), self.config.batch_size):
             chunk = indices[start : start + self.config.batch_size]
             z = torch.stack([latent_for(self.config.seed, i, latent_dim, self.config.truncation) for i in chunk])
-            if self.loaded.kind == "vae":  # N(0, I) draws -> the VAE's sampling prior (unchanged for N(0, I) itself)
-                z = self.module.prior_latents(z.to(self.device, self.dtype), uniforms_for(self.config.seed, chunk))
             labels = row_labels(self.label_ids, chunk)  # the classes laid out in index order (None: unconditional)
+            if self.loaded.kind == "vae":  # N(0, I) draws -> the VAE's sampling prior (unchanged for N(0, I) itself);
+                # a conditional VAE's mixture of each row's class
+                y = None if labels is None else torch.tensor(labels, dtype=torch.long)  # (B,)
+                z = self.module.prior_latents(z.to(self.device, self.dtype), uniforms_for(self.config.seed, chunk), y)
             images = self._decode(z, labels)  # (B, S, S, C) uint8
             rows.add(chunk, images, time.time(), labels=labels)
 
+    def _between_labels(self, item: dict, rows: _Rows) -> None:
+        """One sequence of an interpolation between classes a and b: z from (seed, p) alone (p = the sequence's
+        number) mapped to the sampling prior of both classes mixed 1:1, decoded with the condition
+        (1 - alpha) onehot(a) + alpha onehot(b) at `steps` alphas from 0 to 1. Rows carry the class where the
+        condition is one class (alpha 0 or 1) and the class names as `source_keys`."""
+        (a, _), (b, _) = self.label_ids
+        steps, index = self.config.steps, item["index"]
+        p = index // steps
+        classes = self.loaded.config.num_classes
+        eps = latent_for(self.config.seed, p, self.loaded.config.latent_dim)[None]  # (1, D)
+        both = torch.zeros(1, classes, dtype=torch.float64)
+        both[0, [a, b]] = 0.5  # (1, classes): z typical of both classes
+        z = self.module.prior_latents(eps.to(self.device, self.dtype), uniforms_for(self.config.seed, [p]), both)
+        alphas = torch.linspace(0, 1, steps, dtype=torch.float64)  # (T,)
+        condition = torch.zeros(steps, classes, dtype=torch.float64)
+        condition[:, a], condition[:, b] = 1 - alphas, alphas  # (T, classes)
+        images = self._decode(z.expand(steps, -1), condition)  # one z, the condition moving
+        labels = [a] + [None] * (steps - 2) + [b]
+        alpha_list = alphas.tolist()
+        rows.add(list(range(index, index + steps)), images, time.time(), item["source_keys"], alpha_list, labels=labels)
+
     def _from_inputs(self, item: dict, rows: _Rows) -> None:
+        if self.config.labels:  # interpolate between classes: no input images
+            self._between_labels(item, rows)
+            return
 
         keys, index = item["source_keys"], item["index"]
         try:
@@ -457,13 +503,17 @@ class GeneratorActor:
         rows.add(list(range(index, index + len(alphas))), images, time.time(), keys, [float(a) for a in alphas])
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _decode(self, z, labels: list[int] | None = None) -> np.ndarray:
-        """Latents (B, D) [and class ids (B,) of a conditional model] -> images (B, S, S, C) uint8, quantised as a
+    def _decode(self, z, labels=None) -> np.ndarray:
+        """Latents (B, D) [and the classes of a conditional model: a list of B ids, or (B, classes) class weights
+        for a VAE] -> images (B, S, S, C) uint8, quantised as a
         whole batch with `codec.to_uint`'s arithmetic (float32: clip to [0, 1], times 255, round half to even), here
         in torch, in place and on the model's device: on CPUs that is a third of the cost of NumPy on the permuted
         copy, and a GPU sends back bytes, not floats."""
         z = z.to(self.device, self.dtype)
-        y = None if labels is None else torch.tensor(labels, dtype=torch.long, device=self.device)  # (B,)
+        if labels is None or torch.is_tensor(labels):
+            y = None if labels is None else labels.to(self.device, self.dtype)  # (B, classes) class weights
+        else:
+            y = torch.tensor(labels, dtype=torch.long, device=self.device)  # (B,)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
             if self.loaded.kind == "dcgan":
                 images = self.module.generator(z, y).float().add_(1).div_(2)

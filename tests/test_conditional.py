@@ -115,7 +115,8 @@ def test_label_lists_are_parsed_laid_out_in_index_order_and_unknown_classes_refu
     from restoration.inference import label_ids, row_labels
 
     assert _label_counts("sneaker:10000,bag:5000") == (("sneaker", 10000), ("bag", 5000))
-    for bad in ("sneaker", "sneaker:0", "sneaker:x", ":5", "bag:5,"):
+    assert _label_counts("sneaker") == (("sneaker", None),)  # a count-less name: refused by sample mode's config
+    for bad in ("sneaker:0", "sneaker:x", ":5", "bag:5,"):
         with pytest.raises(Exception, match="expected NAME:COUNT"):
             _label_counts(bad)
     names = FASHION_MNIST_LABELS

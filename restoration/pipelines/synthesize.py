@@ -4,7 +4,9 @@
                   mapped to the VAE's sampling prior (its fitted mixture, or N(0, I)); a class-conditional model
                   makes G(z_i, y_i), with the classes asked for (`--labels sneaker:10000,bag:5000`) laid out in
                   index order: rows [0, 10000) sneakers, [10000, 15000) bags
-    interpolate:  pairs of input images → VAE encode (μ) → lerp/slerp at T alphas → decode
+    interpolate:  pairs of input images → VAE encode (μ) → lerp/slerp at T alphas → decode; or, for a conditional
+                  VAE, between two classes (`--labels sneaker,bag --count K`): sequence p keeps one z_p from
+                  (seed, p) and moves the decoder's condition from one class's one-hot vector to the other's
     reconstruct:  input images → VAE encode (μ) → decode
 
 Reproducible by construction: row i's latent depends only on (seed, i), and the generator runs in float64 on the CPU
@@ -55,8 +57,10 @@ _WORK_FIELDS = (
 class SynthesizeConfig:
     model: str
     output: str
-    count: int = 0  # sample mode: number of images (with `labels`: their total, or 0 for it)
-    labels: tuple[tuple[str, int], ...] = ()  # sample mode, conditional models: (class name or id, count) in order
+    count: int = 0  # sample mode: number of images (with `labels`: their total, or 0 for it); interpolate between
+    # labels: number of sequences (0: one)
+    labels: tuple[tuple[str, int | None], ...] = ()  # conditional models: sample mode (class name or id, count) in
+    # order; interpolate mode two (class, None): the classes to move between
     mode: str = "sample"
     seed: int = 0
     run_id: str | None = None
@@ -80,19 +84,23 @@ class SynthesizeConfig:
             raise UserError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         labels = tuple((str(name), count) for name, count in self.labels)  # a JSON round trip gives lists
         object.__setattr__(self, "labels", labels)
-        if labels:
+        if labels and self.mode == "interpolate":
+            check_label_pair(labels, self)
+            object.__setattr__(self, "count", self.count or 1)
+        elif labels:
             check_label_counts(labels)
             total = sum(count for _, count in labels)
             if self.mode != "sample":
-                raise UserError(f"--labels/--label need --mode sample, got --mode {self.mode}")
+                raise UserError(f"--labels/--label need --mode sample or interpolate, got --mode {self.mode}")
             if self.count not in (0, total):
                 raise UserError(f"--count {self.count} disagrees with the --labels counts, which add up to {total}")
             object.__setattr__(self, "count", total)
         if self.mode == "sample" and self.count < 1:
             raise UserError(f"--count must be >= 1, got {self.count}")
-        if self.mode != "sample" and not self.inputs:
-            raise UserError(f"--mode {self.mode} needs --inputs (input shards or a folder of images)")
-        if self.mode == "interpolate" and not self.pairs and self.random_pairs < 1:
+        if self.mode != "sample" and not self.inputs and not labels:
+            hint = " or, for a conditional VAE, --labels A,B" if self.mode == "interpolate" else ""
+            raise UserError(f"--mode {self.mode} needs --inputs (input shards or a folder of images){hint}")
+        if self.mode == "interpolate" and not labels and not self.pairs and self.random_pairs < 1:
             raise UserError("--mode interpolate needs --pairs A:B,... or --random-pairs K (K >= 1)")
         if self.steps < 2:
             raise UserError(f"--steps must be >= 2 (alpha 0 and 1 at least), got {self.steps}")
@@ -105,15 +113,30 @@ class SynthesizeConfig:
         files.check_options(self.format, self.image_format, self.quality)
 
 
-def check_label_counts(labels: tuple[tuple[str, int], ...]) -> None:
-    """Refuse a `--labels` list with a count below 1 or a class named twice."""
+def check_label_counts(labels: tuple[tuple[str, int | None], ...]) -> None:
+    """Refuse a `--labels` list with a count missing or below 1, or a class named twice."""
     for name, count in labels:
+        if count is None:
+            raise UserError(f"--labels {name}: --mode sample needs NAME:COUNT (how many images of the class)")
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise UserError(f"--labels {name}:{count}: the count must be an integer >= 1")
     names = [name for name, _ in labels]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise UserError(f"--labels names {', '.join(twice)} more than once")
+
+
+def check_label_pair(labels: tuple[tuple[str, int | None], ...], config: SynthesizeConfig) -> None:
+    """Refuse an interpolation between labels that is not two distinct classes without counts, or that also names
+    input images."""
+    spelled = ",".join(name if count is None else f"{name}:{count}" for name, count in labels)
+    if len(labels) != 2 or any(count is not None for _, count in labels) or labels[0][0] == labels[1][0]:
+        raise UserError(f"--mode interpolate --labels {spelled}: expected two different classes without counts (A,B)")
+    if config.inputs or config.pairs or config.random_pairs:
+        raise UserError(
+            "--mode interpolate moves between two classes (--labels A,B) or between input images "
+            "(--inputs with --pairs/--random-pairs), not both"
+        )
 
 
 def encode_images(batch: pa.Table) -> pa.Table:
@@ -209,8 +232,14 @@ class SynthesizeReport:
 
 
 def _items(config: SynthesizeConfig) -> tuple[list[dict], int]:
-    """Input items for interpolate/reconstruct (small: pairs or inputs, with their encoded bytes) and output count."""
+    """Input items for interpolate/reconstruct (small: pairs or inputs, with their encoded bytes; between labels: one
+    item per sequence, naming the two classes) and output count."""
     import pyarrow.parquet as pq
+
+    if config.labels:  # interpolate between two classes: K sequences of `steps` images
+        names = [name for name, _ in config.labels]
+        items = [{"index": p * config.steps, "source_keys": names, "sources": []} for p in range(config.count)]
+        return items, config.count * config.steps
 
     from restoration.data import input_files
 
@@ -265,7 +294,7 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
     t0 = time.perf_counter()
     loaded = inference.load_generator(config.model, config.mode)  # fail fast, before Ray starts
     known = tuple(getattr(loaded.config, "labels", ()))
-    ids = inference.label_ids(config.labels, known, model_label(config.model)) if config.mode == "sample" else []
+    ids = inference.check_labels(config, known, model_label(config.model))
     run_id = config.run_id or runs.default_run_id()
     manifest_uri = storage.join(runs.run_dir(config.output, run_id), "_manifest.json")
     if config.resume and storage.exists(manifest_uri):
@@ -359,7 +388,7 @@ def run_synthesize(config: SynthesizeConfig) -> SynthesizeReport:
         complete=written.num_rows == requested,
         phase_seconds=phases,
         config=asdict(config) | {"run_id": run_id, "workers": workers, "gpu": use_gpu, "data_tasks": data_tasks},
-        rows_by_label=_rows_by_label(written, known, ids),
+        rows_by_label=_rows_by_label(written, known, ids if config.mode == "sample" else []),
     )
     runs.write_manifest(out_uri, asdict(report) | {"written_at": datetime.now(timezone.utc).isoformat()})
     return report
