@@ -199,7 +199,10 @@ def test_dry_run_of_run_sh_leaves_what_the_device_tool_brings_back(kit_datasets,
         assert record["overrides"]["time_budget_s"] == budget
         history = record["history"]
         assert history and all("planned_epochs" in h for h in history)
-        assert sum(h["epoch_seconds"] for h in history) <= budget
+        # Each epoch after the first starts only when, at the pace of the one before, it fits in what is left of the
+        # budget; the plan decides on times it measured, so this holds at any speed (the last epoch may overrun).
+        seconds = [h["epoch_seconds"] for h in history]
+        assert len(seconds) == 1 or sum(seconds[:-1]) + seconds[-2] <= budget, (seconds, budget)
         loaded = load_model(out / record["model_file"], expected_kind="restorer")
         assert loaded.config == resolve_config("restorer", stage.preset, {}).model_config()
         assert loaded.meta["train_config"]["time_budget_s"] == budget
