@@ -7,6 +7,7 @@ family is one line here; nothing is discovered by file name.
 from restoration.models.classifier import Classifier, ClassifierConfig
 from restoration.models.dcgan import DCGAN, DCGANConfig
 from restoration.models.inpainter import Inpainter, InpainterConfig
+from restoration.models.repairer import Repairer, RepairerConfig
 from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.models.upscaler import Upscaler, UpscalerConfig
 from restoration.models.vae import VAE, VAEConfig
@@ -18,6 +19,7 @@ MODELS: dict[str, tuple[type, type]] = {
     "classifier": (ClassifierConfig, Classifier),
     "upscaler": (UpscalerConfig, Upscaler),
     "inpainter": (InpainterConfig, Inpainter),
+    "repairer": (RepairerConfig, Repairer),
 }
 
 __all__ = ["MODELS", "Restorer", "RestorerConfig"]
