@@ -25,7 +25,7 @@ from typing import Any
 
 from restoration import storage
 from restoration.errors import UserError
-from restoration.train import dcgan, inpainter, restorer, upscaler, vae
+from restoration.train import dcgan, inpainter, repairer, restorer, upscaler, vae
 
 # kind -> (train config class, presets, train_loop_per_worker). Explicit: adding a family is one line.
 TRAINERS: dict[str, tuple[type, dict[str, dict], Callable[[dict], None]]] = {
@@ -34,6 +34,7 @@ TRAINERS: dict[str, tuple[type, dict[str, dict], Callable[[dict], None]]] = {
     "vae": (vae.VAETrainConfig, vae.PRESETS, vae.train_loop_per_worker),
     "upscaler": (upscaler.UpscalerTrainConfig, upscaler.PRESETS, upscaler.train_loop_per_worker),
     "inpainter": (inpainter.InpainterTrainConfig, inpainter.PRESETS, inpainter.train_loop_per_worker),
+    "repairer": (repairer.RepairerTrainConfig, repairer.PRESETS, repairer.train_loop_per_worker),
 }
 READ_CPUS = 0.5  # CPUs per read task: the workers may hold all but half a core (cluster.train_resources checks)
 
