@@ -43,9 +43,10 @@ MODEL_FAMILIES = {
     "restore": ("restore-gray", "restore-color"),
     "upscale": ("upscale-gray-x{scale}", "upscale-gray-x{scale}"),
     "inpaint": ("inpaint-gray", "inpaint-gray"),  # colour images: each channel with the same mask
+    "repair": ("repair-gray", "repair-color"),
 }
 SCALES = (2, 3, 4)  # the bundled upscalers' factors
-RESTORING_KINDS = ("restorer", "upscaler", "inpainter")  # model kinds that map an image to a restored one
+RESTORING_KINDS = ("restorer", "upscaler", "inpainter", "repairer")  # model kinds that map an image to a restored one
 
 
 def models_by_channels(model: str, scale: int | None = None) -> dict[int, str]:
@@ -138,6 +139,7 @@ class ModelRunner:
             self.net = torch.compile(self.net)
         self.channels = self.loaded.config.channels
         self.masked = self.loaded.kind == "inpainter"  # takes the row's mask as one more input channel
+        self.repairing = self.loaded.kind == "repairer"  # finds its own mask: gives it back beside the image
         # The overlap is the context each tile sees beyond the part it keeps: at least the receptive radius makes
         # tiled output equal to whole-image output; tiles align to the model's internal downscale.
         self.tile = tile
@@ -168,6 +170,8 @@ class ModelRunner:
         """
         if self.masked:
             return self._inpaint(images, masks)
+        if self.repairing:
+            return self.repair_array(images)[0]
         n, h, w, c = images.shape
         s = self.scale
         x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # (N, C, H, W)
@@ -195,18 +199,38 @@ class ModelRunner:
         n, h, w, c = images.shape
         if masks is None or masks.shape != (n, h, w):
             raise ValueError(f"an inpainter needs a (N, H, W) = {(n, h, w)} mask, got {getattr(masks, 'shape', None)}")
-        x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # (N, C, H, W)
         m = torch.from_numpy(masks[:, None].astype(np.float32))  # (N, 1, H, W)
-        if self.channels == 1 and c == 3:
-            x, m = x.reshape(n * 3, 1, h, w), m.repeat_interleave(3, 0)  # every channel, with the image's mask
-        elif self.channels == 3 and c == 1:
-            x = x.expand(n, 3, h, w)
-        x = torch.cat([x, m], 1).to(self.device, memory_format=self.memory_format)  # (B, C' + 1, H, W)
+        m = m.repeat_interleave(3, 0) if self.channels == 1 and c == 3 else m  # every channel, with the image's mask
+        x = torch.cat([self._model_channels(images), m], 1).to(self.device, memory_format=self.memory_format)
         with torch.inference_mode():
-            y = self.forward(x).float()
-            y = y.reshape(n, c, h, w) if self.channels == 1 else y.mean(1, keepdim=True) if c == 1 else y
-            y = y.clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+            y = self._image_channels(self.forward(x).float(), n, c)
         return np.where(masks[..., None], y, images)  # (N, H, W, C): the known pixels are the input's own values
+
+    def repair_array(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A repairer on (N, H, W, C) float images: (repaired (N, H, W, C) float32, bool (N, H, W) found mask, True =
+        repaired; for a gray model on colour images, found in any channel). Every pixel outside the mask is the
+        input's own, bit for bit, as an inpainter keeps its known pixels."""
+        n, h, w, c = images.shape
+        x = self._model_channels(images).to(self.device, memory_format=self.memory_format)
+        with torch.inference_mode():
+            y = self.forward(x).float()  # (B, C' + 1, H, W): the image, then the found mask
+            found = (y[:, -1] > 0.5).reshape(n, -1, h, w).any(1).cpu().numpy()  # (N, H, W)
+            y = self._image_channels(y[:, :-1], n, c)
+        return np.where(found[..., None], y, images), found
+
+    def _model_channels(self, images: np.ndarray) -> torch.Tensor:
+        """(N, H, W, C) float images -> the model's (B, C', H, W) input: each channel a gray image for a gray model
+        on colour, the gray channel three times for a colour model on gray."""
+        n, h, w, c = images.shape
+        x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # (N, C, H, W)
+        if self.channels == 1 and c == 3:
+            return x.reshape(n * 3, 1, h, w)
+        return x.expand(n, 3, h, w) if self.channels == 3 and c == 1 else x
+
+    def _image_channels(self, y: torch.Tensor, n: int, c: int) -> np.ndarray:
+        """The model's (B, C', H, W) output -> (N, H, W, C) float32 in [0, 1] (`_model_channels` undone)."""
+        y = y.reshape(n, c, *y.shape[-2:]) if self.channels == 1 else y.mean(1, keepdim=True) if c == 1 else y
+        return y.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
     def forward(self, x):
         """The model on a (B, C, H, W) batch on its device, in its memory format: tiled when larger than the tile, and
@@ -300,16 +324,20 @@ class RestoreActor:
                 stack = np.empty((len(idx), h, w, c), np.float32)  # (N, H, W, C), filled without temporaries
                 for j, i in enumerate(idx):
                     codec.into_float(codec.from_raw(rows[i]["pixels"], h, w, c), stack[j])
-                holes = None
+                holes, found = None, None
                 if runner.masked:  # (N, H, W) bool, True = missing
                     holes = np.stack([np.frombuffer(rows[i]["mask"], np.uint8).reshape(h, w) for i in idx]) > 0
-                with torch.inference_mode():
-                    out = runner.restore_array(stack, holes)  # (N, H, W, C) float
+                with torch.inference_mode():  # (N, H, W, C) float [and the (N, H, W) mask a repairer found]
+                    if runner.repairing:
+                        out, found = runner.repair_array(stack)
+                    else:
+                        out = runner.restore_array(stack, holes)
                 per_row_ms = 1e3 * (time.perf_counter() - t0) / len(idx)
                 done_at = time.time()
                 for j, i in enumerate(idx):  # float32: quantising is the encode tasks' work, off the model's core
                     rows[i].update(used, pixels=np.ascontiguousarray(out[j], dtype=np.float32).tobytes())
                     rows[i].update(height=out.shape[1], width=out.shape[2])  # an upscaler's output is larger
+                    rows[i]["found_mask"] = found[j].astype(np.uint8).tobytes() if found is not None else None
                     rows[i]["restored_at"] = done_at
                     rows[i]["elapsed_ms"] += per_row_ms
             except Exception as e:  # one bad group must not take the batch down: its rows become error rows

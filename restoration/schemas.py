@@ -38,6 +38,7 @@ STAGE_SCHEMA = pa.schema(
         ("input_height", pa.int32()),  # the model's input size; `height`/`width` become the output's (upscalers)
         ("input_width", pa.int32()),
         ("mask", pa.binary()),  # raw uint8 (H, W) of the model's input, 1 = missing (inpainting), null when none
+        ("found_mask", pa.binary()),  # raw uint8 (H, W), 1 = repaired: the mask a repair model found, else null
     ]
 )
 RESTORE_OUTPUT_SCHEMA = pa.schema(
@@ -64,6 +65,7 @@ RESTORE_OUTPUT_SCHEMA = pa.schema(
         ("input_width", pa.int32()),  # the size of the image the model saw: `width`/`height` times less for an
         ("input_height", pa.int32()),  # upscaler, the same otherwise
         ("hole_psnr", pa.float64()),  # PSNR inside the row's mask (given or made by --degrade), with a reference
+        ("mask", pa.binary()),  # with --emit-mask: PNG of the mask a repair model found (255 = repaired), else null
     ]
 )
 

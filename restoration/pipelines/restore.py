@@ -67,6 +67,7 @@ class RestoreConfig:
     format: str = "parquet"  # "parquet", "files" (images under the run folder, keeping the keys' tree) or "both"
     image_format: str = "png"  # the files' format: png, jpeg or webp (see restoration.files)
     quality: int = 95  # JPEG/WebP quality of the files
+    emit_mask: bool = False  # a repair model's found mask as the rows' `mask` column (PNG, 255 = repaired)
 
     def __post_init__(self) -> None:
         if self.degrade:
@@ -221,13 +222,16 @@ def _alpha(raw: bytes | None, size: tuple[int, int], input_size: tuple[int, int]
     raise ValueError(f"alpha of {len(raw)} bytes fits neither {size} nor {input_size}")
 
 
-def encode_batch(batch: pa.Table, model: str, model_sha256: str | None, run_id: str) -> pa.Table:
+def encode_batch(
+    batch: pa.Table, model: str, model_sha256: str | None, run_id: str, emit_mask: bool = False
+) -> pa.Table:
     """Encode restored rows as PNG (alpha re-attached, 16-bit kept, the colour profile embedded), with PSNR/SSIM
     against the reference.
 
     Args:
         model, model_sha256: the run's model, for rows no model saw (they failed before restoring); restored rows
             carry the model that restored them.
+        emit_mask: write the mask a repair model found (`found_mask`) as the row's `mask`, a PNG (255 = repaired).
 
     Returns:
         An OUTPUT_SCHEMA table, one row per input row.
@@ -256,6 +260,9 @@ def encode_batch(batch: pa.Table, model: str, model_sha256: str | None, run_id: 
                     restored, alpha=alpha, bit_depth=row["bit_depth"], icc_profile=row.get("icc_profile")
                 )
                 result.update(image=png, width=w, height=h, mode=_png_mode(c, alpha is not None, row["bit_depth"]))
+                if emit_mask and row.get("found_mask") is not None:
+                    found = np.frombuffer(row["found_mask"], np.uint8).reshape(h, w, 1).astype(np.float32)
+                    result["mask"] = codec.encode_png(found)  # 1 -> 255
                 if row["reference"] is not None:
                     reference = _unit(codec.from_raw(row["reference"], h, w, c))
                     # SSIM's 11×11 window needs an image at least that large; smaller ones get PSNR only.
@@ -439,6 +446,8 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
     names = dict.fromkeys(inference.models_by_channels(config.model, config.scale).values())
     loaded = {name: inference.load_restorer(name) for name in names}
     scale = check_scale(config, {name: inference.model_scale(m) for name, m in loaded.items()})
+    if config.emit_mask and any(m.kind != "repairer" for m in loaded.values()):
+        raise UserError(f"--emit-mask needs a repair model (--model repair, or a repairer file): {config.model} is not")
     run_sha256 = next(iter(loaded.values())).sha256 if len(loaded) == 1 else None  # rows name their own model
     model_name = config.model if config.model in inference.MODEL_FAMILIES else model_label(config.model)
     source = data.resolve_input(config.input)  # the input's one listing
@@ -478,7 +487,7 @@ def run_restore(config: RestoreConfig) -> RestoreReport:
         num_cpus=actor_cpus,
         num_gpus=1 if use_gpu else 0,
     )
-    encode_args = {"model": model_name, "model_sha256": run_sha256, "run_id": run.run_id}
+    encode_args = {"model": model_name, "model_sha256": run_sha256, "run_id": run.run_id, "emit_mask": config.emit_mask}
     ds = ds.map_batches(encode_batch, fn_kwargs=encode_args, **stage)
     if config.format != "parquet":
         files_args = {"run_uri": run.out_uri, "image_format": config.image_format, "quality": config.quality}
