@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from restoration.bench.quality import inpaint, upscale
+from restoration.bench.quality import inpaint, repair, upscale
 from restoration.bench.quality.config import QualityConfig
 from restoration.bench.quality.measure import benchmark
 from restoration.bench.quality.report import format_table, write_report
@@ -22,10 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument(
         "--task",
-        choices=("denoise", "upscale", "inpaint"),
+        choices=("denoise", "upscale", "inpaint", "repair"),
         default="denoise",
         help="denoise (default): restorers vs BM3D on Set12; upscale: upscalers vs bicubic on Set5/Set14; inpaint: "
-        "inpainters vs biharmonic, Telea and Navier-Stokes on Set12 with seeded free-form holes",
+        "inpainters vs biharmonic, Telea and Navier-Stokes on Set12 with seeded free-form holes; repair: repairers "
+        "vs the damaged input and a 3x3 median filter on Set12 with seeded scratches and spots, and on clean images",
+    )
+    parser.add_argument(
+        "--damage", default=repair.DAMAGE, help=f"repair task: the seeded damage (default {repair.DAMAGE})"
     )
     parser.add_argument(
         "--coverages", default="0.1,0.25,0.4", help="inpaint task: hole coverages (default 0.1,0.25,0.4)"
@@ -136,12 +140,31 @@ def run_inpaint(args: argparse.Namespace) -> int:
     return print_summary(table, [], paths.values(), result["wall_seconds"])
 
 
+def run_repair(args: argparse.Namespace) -> int:
+    """`restoration bench quality --task repair`: run, print the table, write the report files."""
+    config = repair.RepairConfig(
+        damage=args.damage,
+        datasets=args.datasets,
+        color=args.color,
+        models=_split(args.models),
+        limit=args.limit,
+        threads=args.threads,
+        out_dir=args.out,
+    )
+    result = repair.benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    paths = repair.write_report(result, config.out_dir)
+    table = "\n".join([f"images: {result['description']}; threads: {result['threads']}", repair.format_table(result)])
+    return print_summary(table, [], paths.values(), result["wall_seconds"])
+
+
 def run(args: argparse.Namespace) -> int:
     """`restoration bench quality`: run, print the table and notes, write the report files; exit status 0."""
     if getattr(args, "task", "denoise") == "upscale":
         return run_upscale(args)
     if getattr(args, "task", "denoise") == "inpaint":
         return run_inpaint(args)
+    if getattr(args, "task", "denoise") == "repair":
+        return run_repair(args)
     config = config_from_args(args)
     result = benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     paths = write_report(result, config.out_dir)

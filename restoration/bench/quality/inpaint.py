@@ -181,22 +181,8 @@ def benchmark(config: InpaintConfig, progress: Callable[[str], None] | None = No
                 progress(f"coverage {coverage:g}: {len(images)} images, {time.perf_counter() - t_start:.0f} s")
     finally:
         torch.set_num_threads(saved_threads)
-    rows = []
-    for (method, coverage), values in per.items():
-        mp = sum(v["megapixels"] for v in values)
-        rows.append(
-            {
-                "method": method,
-                "coverage": coverage,
-                "psnr": float(np.mean([v["psnr"] for v in values])),
-                "psnr_hole": float(np.mean([v["psnr_hole"] for v in values])),
-                "seconds_per_mp": sum(v["seconds"] for v in values) / mp,
-                "images": len(values),
-                "per_image": values,
-            }
-        )
     return {
-        "rows": rows,
+        "rows": summarise(per, "coverage"),
         "description": description,
         "threads": threads,
         "models": [m.label for m in models],
@@ -205,6 +191,24 @@ def benchmark(config: InpaintConfig, progress: Callable[[str], None] | None = No
         "sheet": sheet,
         "sheet_coverage": sheet_coverage,
     }
+
+
+def summarise(per: dict[tuple[str, object], list[dict]], condition: str, metrics_=("psnr", "psnr_hole")) -> list[dict]:
+    """One row per (method, condition) of per-image values: the means of `metrics_`, wall seconds per megapixel.
+
+    Args:
+        per: (method, condition value) -> per-image dicts holding `metrics_`, "seconds" and "megapixels".
+        condition: the rows' name for the condition value ("coverage" here; the repair benchmark's "damage").
+    Returns:
+        [{method, <condition>, <each metric>, seconds_per_mp, images, per_image}] in `per`'s order.
+    """
+    rows = []
+    for (method, value), values in per.items():
+        mp = sum(v["megapixels"] for v in values)
+        means = {name: float(np.mean([v[name] for v in values])) for name in metrics_}
+        row = {"method": method, condition: value, **means, "seconds_per_mp": sum(v["seconds"] for v in values) / mp}
+        rows.append(row | {"images": len(values), "per_image": values})
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------- report
@@ -235,7 +239,11 @@ def _cells(result: dict) -> tuple[list[str], list[list[str]]]:
 
 def format_table(result: dict) -> str:
     """Aligned text table of `benchmark`'s result."""
-    header, body = _cells(result)
+    return aligned(*_cells(result))
+
+
+def aligned(header: list[str], body: list[list[str]]) -> str:
+    """An aligned text table: the first column left-aligned, the others right-aligned."""
     widths = [max(len(line[j]) for line in [header, *body]) for j in range(len(header))]
 
     def line(cells: list[str]) -> str:
