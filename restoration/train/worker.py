@@ -201,8 +201,22 @@ def from_rank0(value: Any) -> Any:
 
 
 def maybe_fail(config: Any, epoch: int, start_epoch: int) -> None:
-    """Fault injection for tests and drills: raise once, at `fail_at_epoch`, in an attempt that started from scratch."""
-    if getattr(config, "fail_at_epoch", -1) == epoch and start_epoch == 0 and world()[0] == 0:
+    """Fault injection for tests and drills: rank 0 raises once, at `fail_at_epoch`, in an attempt that started from
+    scratch. Every rank calls it.
+
+    Before the failure every rank waits until Ray Train's controller has taken its last report: the controller polls
+    the workers on its own clock, and a failure it saw before the previous epoch's checkpoint would restart the run
+    from scratch instead of from that checkpoint, on a busy machine more often than on an idle one.
+    """
+    if getattr(config, "fail_at_epoch", -1) != epoch or start_epoch != 0:
+        return
+    import torch.distributed as dist
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    get_train_context().get_result_queue().join()  # each report leaves the queue when the controller polls it
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # and so has every other rank's
+    if world()[0] == 0:
         raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")
 
 
