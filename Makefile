@@ -21,20 +21,15 @@ install: $(VENV)/.installed
 system-deps:
 	@[ -d $(FMNIST) ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 
-# Two test processes (pytest-xdist), each with its own S3 server and local Ray: much of a test's time is spent waiting
-# on Ray, a subprocess or a fault to land, and the other process uses that CPU. Tests that share an expensive
-# module-level fixture stay in one process (tests/conftest.py). `make test PYTEST_PARALLEL=` runs them in one process.
-PYTEST_PARALLEL ?= -n 2 --dist loadgroup
-
 demo: install
 	$(VENV)/bin/restoration demo
 
 test: install system-deps
 	$(VENV)/bin/ruff check restoration tests jobs
-	$(VENV)/bin/pytest -q $(PYTEST_PARALLEL)
+	$(VENV)/bin/pytest -q
 
 test-fast: install
-	$(VENV)/bin/pytest -q $(PYTEST_PARALLEL) -m "not slow"
+	$(VENV)/bin/pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check restoration tests jobs

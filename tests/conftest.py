@@ -1,10 +1,10 @@
-"""Shared fixtures: one embedded S3 server and one local Ray per test process (`make test` runs two), and the datasets.
+"""Shared fixtures: one embedded S3 server and one local Ray per test session, and the datasets.
 
 Tests that need neither never start them (the fixtures are lazy), and tests that need one are marked `slow`. Datasets come from `../shared/datasets` beside the
 checkout; on a clone without it, the same tests run on photos that ship inside scikit-image, converted to match.
 Fashion-MNIST comes from the Debian package that `make test` installs; every test that needs it takes the
 `fashion_mnist` fixture, which skips with the same reason where the package is missing. The datasets that several
-modules train on or read back (Train400, the Fashion-MNIST test split) are ingested once per test process, and the small
+modules train on or read back (Train400, the Fashion-MNIST test split) are ingested once per session, and the small
 DnCNN that two modules need trained (one checks that it learned, the other restores with it) is trained once.
 """
 
@@ -36,35 +36,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 SLOW_FIXTURES = {"s3", "ray_cluster", "cluster", "train400_shards", "fmnist_test_shards", "trained_restorer"}
 
 
-# Module-scoped fixtures that run a pipeline, a training or a cluster (seconds to a minute each). `make test` runs the
-# suite in two processes (pytest-xdist, `--dist loadgroup`); the tests of one module that use one of these go to the
-# same process, so that the fixture is built once, not once per process.
-SHARED_MODULE_FIXTURES = {
-    "cluster",
-    "restore_job",
-    "set12_shards",
-    "restore_runs",
-    "synthesis_runs",
-    "scale_runs",
-    "outage_shards",
-    "small_shard_run",
-    "ddp_run",
-    "kit_datasets",
-    "test_split",
-    "train_split",
-    "inpainter",
-    "upscalers",
-}
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
-        names = set(getattr(item, "fixturenames", ()))
-        if SLOW_FIXTURES & names:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        if SHARED_MODULE_FIXTURES & names:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session")
