@@ -221,3 +221,13 @@ def test_the_fid_bench_reports_per_class_fid_and_accuracy_for_a_conditional_mode
     assert table.count("\n") == 12 and "7 sneaker" in table
     floor = next(r for r in result["rows"] if r["name"] == "floor")
     assert "per_class" not in floor
+
+
+def test_a_labelled_run_smaller_than_a_batch_sizes_its_actors_on_its_own_rows(cond_gan_file):
+    """The start-up measurement of the encoder's share runs the generator on the run's first batch; a run of fewer
+    rows than a batch has its classes laid over those rows alone."""
+    from restoration.pipelines.synthesize import data_share
+
+    config = SynthesizeConfig(model=cond_gan_file, output="o", labels=(("bag", 3), ("coat", 2)), batch_size=16)
+    share = data_share(config)
+    assert share is not None and 0 <= share <= 1

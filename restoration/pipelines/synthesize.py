@@ -189,14 +189,15 @@ def index_runs(count: int, done: set[int], longest: int) -> pa.Table:
 
 def data_share(config: SynthesizeConfig) -> float | None:
     """In sample mode, the fraction of an image's CPU time PNG encoding takes next to the generator, measured here on
-    one thread on a batch of `config.batch_size` (`actor_resources` splits the cores by it); None in the other modes,
+    one thread on a batch of `config.batch_size` rows or the run's count if smaller (`actor_resources` splits the cores by it); None in the other modes,
     whose inputs are decoded inside the actor."""
     from restoration.inference import GeneratorActor  # the driver's only torch: the model's cost is measured here
 
     if config.mode != "sample":
         return None
     actor = GeneratorActor(config, run_id="share")
-    items = pa.table({"start": [0], "stop": [config.batch_size]}, schema=RUN_SCHEMA)
+    # A run smaller than a batch is measured on its own rows: a conditional run lays its classes over them alone.
+    items = pa.table({"start": [0], "stop": [min(config.batch_size, config.count)]}, schema=RUN_SCHEMA)
     pixels = actor(items)  # the generator's warm-up
     encode_images(pixels)  # the encoder's
     return cluster.measure_share(lambda: actor(items), lambda: encode_images(pixels))
