@@ -189,8 +189,8 @@ def index_runs(count: int, done: set[int], longest: int) -> pa.Table:
 
 def data_share(config: SynthesizeConfig) -> float | None:
     """In sample mode, the fraction of an image's CPU time PNG encoding takes next to the generator, measured here on
-    one thread on a batch of `config.batch_size` rows or the run's count if smaller (`actor_resources` splits the cores by it); None in the other modes,
-    whose inputs are decoded inside the actor."""
+    one thread on a batch of `config.batch_size` rows, or the run's count if smaller (`actor_resources` splits the
+    cores by it); None in the other modes, whose inputs are decoded inside the actor."""
     from restoration.inference import GeneratorActor  # the driver's only torch: the model's cost is measured here
 
     if config.mode != "sample":
