@@ -69,6 +69,14 @@ def init_ray(num_cpus: int | None = None) -> None:
         # Inside a submitted job the job's runtime_env already reaches every worker, and Ray refuses to merge a
         # second one into it.
         env_vars = {}
+    local = address in (None, "local") and not in_job
+    dashboard_port = _free_port() if local else None
+    # Read by Ray's state API in every process of the new cluster (its raylet inherits the driver's environment as
+    # it is now, and its workers the raylet's); see _STATE_API_ENV. Set for the start only: this process may start
+    # another cluster later.
+    saved = os.environ.get(_STATE_API_ENV)
+    if dashboard_port:
+        os.environ[_STATE_API_ENV] = f"http://127.0.0.1:{dashboard_port}"
     try:
         ray.init(
             # Without RAY_ADDRESS, "local" starts a cluster of our own: Ray's default would join whatever cluster a
@@ -79,11 +87,34 @@ def init_ray(num_cpus: int | None = None) -> None:
             configure_logging=True,
             logging_level="WARNING",
             log_to_driver=True,
+            **({"dashboard_port": dashboard_port} if dashboard_port else {}),
         )
     except ConnectionError as e:
         # A wrong or unreachable RAY_ADDRESS is the user's to fix: say which address, in one line.
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ClusterError(f"cannot connect to the Ray cluster at RAY_ADDRESS={address!r}: {reason}") from e
+    finally:
+        if saved is None:
+            os.environ.pop(_STATE_API_ENV, None)
+        else:
+            os.environ[_STATE_API_ENV] = saved
+
+
+# The state API's address (the dashboard's URL) for every process of a local cluster this module starts. Without it,
+# the state API in a worker looks for "the" cluster in /tmp/ray/ray_current_cluster, which names the cluster of the
+# last `ray start` on this machine, not this one: when that cluster is gone, each call waits 40 s for its GCS. Ray
+# Train asks from a helper actor at the end of every run, and the run's `fit()` waits 12 s for that helper to stop
+# (measured: a one-worker run of a trivial function took 20 s with a stale file, 9 s with the address set).
+_STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: the dashboard's port of a local cluster about to start."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def prioritise_model_actor() -> int:

@@ -1,4 +1,5 @@
-"""Without RAY_ADDRESS, `init_ray` starts a Ray of its own, whatever else runs on the machine."""
+"""Without RAY_ADDRESS, `init_ray` starts a Ray of its own, whatever else runs on the machine, and Ray's state API
+inside its workers reaches that Ray."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ import ray
 from restoration.cluster import init_ray
 init_ray(num_cpus=1)
 print("gcs", ray.get_runtime_context().gcs_address)
+
+@ray.remote
+def nodes_seen_by_the_state_api():  # what Ray Train's helper actors ask at the end of every run
+    from ray.util.state import list_nodes
+    return [node.node_id for node in list_nodes(timeout=20)]
+
+print("state", ray.get(nodes_seen_by_the_state_api.remote()) == [ray.get_runtime_context().get_node_id()])
 ray.shutdown()
 """
 
@@ -32,3 +40,5 @@ def test_without_ray_address_a_new_local_ray_starts_even_where_ray_start_left_on
     assert done.returncode == 0, done.stderr[-2000:]
     gcs = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("gcs ")]
     assert gcs and gcs[0] != "127.0.0.1:9", done.stdout
+    # The state API in a worker asks the new Ray, not the one the file names (which would take 40 s to give up).
+    assert "state True" in done.stdout.splitlines(), done.stdout
