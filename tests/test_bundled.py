@@ -59,3 +59,17 @@ def test_bundled_upscalers_beat_bicubic_on_a_photo_and_colour_goes_through_its_l
     bicubic = np.clip(codec.resize(small, 192, 192), 0, 1)
     gain = metrics.psnr_y(restored, photo, scale) - metrics.psnr_y(bicubic, photo, scale)
     assert gain > 0.5, gain
+
+
+@pytest.mark.parametrize("name", ["repair-gray", "repair-color"])
+def test_bundled_repairers_fill_scratches_and_spots_and_leave_a_clean_photo_alone(name, camera_crop):
+    torch.set_num_threads(1)
+    photo = camera_crop if name == "repair-gray" else skimage.data.astronaut()[:160, 100:260].astype(np.float32) / 255
+    damaged, mask = degrade.apply_masked(photo, "scratch:10,spots:20", np.random.default_rng(0))
+    actor = RestoreActor(name, precision="fp32")
+    repaired, found = actor.runner(photo.shape[-1]).repair_array(damaged[None])
+    assert metrics.psnr(repaired[0], photo) > metrics.psnr(damaged, photo) + 4.0
+    assert (found[0] & mask).sum() > 0.5 * mask.sum()  # it found most of the damage by itself
+    untouched = actor.restore_array(photo[None])[0]
+    # Its detection threshold was chosen so that undamaged images stay within 40 dB of themselves.
+    assert metrics.psnr(untouched, photo) >= 40.0 and (untouched != photo).any(-1).mean() < 0.01

@@ -177,3 +177,59 @@ def test_bench_repair_rows_on_two_small_images(tmp_path):
     for bad in ({"damage": "noise:5"}, {"damage": "scratch:x"}, {"limit": 0}):
         with pytest.raises(UserError):
             bench_repair.RepairConfig(**bad)
+
+    # `--images FOLDER`: that folder's images, not Set12.
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name, image in images:
+        Image.fromarray(codec.to_uint(image, 8)[..., 0]).save(folder / f"{name}.png")
+    from_folder = bench_repair.benchmark(bench_repair.RepairConfig(damage="scratch:2,spots:3", images=str(folder)))
+    assert from_folder["description"] == str(folder)
+    assert [v["image"] for v in from_folder["rows"][0]["per_image"]] == ["g0", "g1"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no image files"):
+        bench_repair.benchmark(bench_repair.RepairConfig(images=str(tmp_path / "empty")))
+
+
+@pytest.mark.slow
+def test_model_repair_through_ray_picks_each_variant_repairs_and_emits_masks(ray_cluster, tmp_path):
+    """`restore --model repair --emit-mask` on a folder: the bundled gray and colour repairers, chosen per image, fill
+    the damage they find, return an undamaged photo all but unchanged, and write the mask of what they changed."""
+    import skimage.data
+
+    from restoration import metrics, runs
+
+    gray = skimage.data.camera()[96:224, 160:288, None].astype(np.float32) / 255
+    colour = skimage.data.astronaut()[:160, 100:260].astype(np.float32) / 255
+    clean = skimage.data.camera()[300:428, 200:328, None].astype(np.float32) / 255
+    folder = tmp_path / "in"
+    folder.mkdir()
+    originals, damage = {"gray.png": gray, "colour.png": colour, "clean.png": clean}, {}
+    for i, (key, photo) in enumerate(originals.items()):
+        damaged, mask = (
+            (photo, None)
+            if key == "clean.png"
+            else degrade.apply_masked(photo, "scratch:10,spots:20", np.random.default_rng(i))
+        )
+        pixels = codec.to_uint(damaged, 8)
+        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(folder / key)
+        damage[key] = (pixels.astype(np.float32) / 255, mask)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+
+    report = run_restore(
+        RestoreConfig(str(folder), str(tmp_path / "out"), model="repair", run_id="r", emit_mask=True, precision="fp32")
+    )
+    assert (report.rows_in, report.rows_out, report.ok, report.errors) == (4, 4, 3, 1)
+    assert {name: entry["rows"] for name, entry in report.models.items()} == {"repair-gray": 2, "repair-color": 1}
+    rows = {r["key"]: r for r in runs.read_output(report.output, ["key", "image", "mask", "error"]).to_pylist()}
+    assert rows["broken.png"]["error"].startswith("decode:")
+    for key, photo in originals.items():
+        out = np.asarray(Image.open(io.BytesIO(rows[key]["image"])), np.float32).reshape(photo.shape) / 255
+        found = np.asarray(Image.open(io.BytesIO(rows[key]["mask"]))) == 255
+        given, mask = damage[key]
+        assert np.array_equal(out[~found], given[~found]), key  # nothing outside the mask it reports changed
+        if mask is None:
+            assert metrics.psnr(out, given) >= 40.0 and found.mean() < 0.01
+        else:
+            assert metrics.psnr(out, photo) > metrics.psnr(given, photo) + 4.0, key
+            assert (found & mask).sum() > 0.5 * mask.sum(), key

@@ -109,6 +109,8 @@ def upscale_config_from_args(args: argparse.Namespace) -> UpscaleConfig:
 
 def run_upscale(args: argparse.Namespace) -> int:
     """`restoration bench quality --task upscale`: run, print the table, write the report files."""
+    if args.images:
+        raise UserError(f"--images {args.images}: --task upscale measures Set5 and Set14 (found under --datasets)")
     config = upscale_config_from_args(args)
     result = upscale.benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     paths = upscale.write_report(result, config.out_dir)
@@ -126,6 +128,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
             raise UserError(f"--coverages value {part!r}: expected numbers in (0, 1), e.g. 0.1,0.25,0.4") from None
     config = inpaint.InpaintConfig(
         coverages=tuple(coverages),
+        images=args.images,
         datasets=args.datasets,
         color=args.color,
         models=_split(args.models),
@@ -144,6 +147,7 @@ def run_repair(args: argparse.Namespace) -> int:
     """`restoration bench quality --task repair`: run, print the table, write the report files."""
     config = repair.RepairConfig(
         damage=args.damage,
+        images=args.images,
         datasets=args.datasets,
         color=args.color,
         models=_split(args.models),

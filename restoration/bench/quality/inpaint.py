@@ -32,7 +32,8 @@ OPENCV_RADIUS = 5  # pixels of known neighbourhood Telea and Navier-Stokes look 
 
 @dataclass(frozen=True)
 class InpaintConfig:
-    """One inpainting benchmark run. `images` (tests): [(name, (H, W, C) float array)]."""
+    """One inpainting benchmark run. `images`: a folder of images (`--images`), or (tests) [(name, (H, W, C) float
+    array)]."""
 
     coverages: tuple[float, ...] = COVERAGES
     datasets: str | Path | None = None  # folder holding Set12/; None: `sources.datasets_dir()`
@@ -45,7 +46,7 @@ class InpaintConfig:
     seed: int = 0
     out_dir: str = "bench-output"
     sheet_images: int = 2  # images on the contact sheet, at the largest coverage
-    images: list | None = field(default=None, compare=False)
+    images: str | list | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.coverages or not all(0 < c < 1 for c in self.coverages):
@@ -116,7 +117,14 @@ def _methods(config: InpaintConfig) -> list[tuple[str, Callable[[np.ndarray, np.
 
 # ------------------------------------------------------------------------------------------------------------ run
 def load_images(config: InpaintConfig) -> tuple[str, list[tuple[str, np.ndarray]]]:
-    """Set12 (gray), or the colour sample photos with `color` or when Set12 is missing: (description, images)."""
+    """The `images` folder, else Set12 (gray), or the colour sample photos with `color` or when Set12 is missing:
+    (description, images). Shared by the repair benchmark."""
+    channels = 3 if config.color else 1
+    if isinstance(config.images, str | os.PathLike):
+        paths = sources.image_paths(config.images)[: config.limit]
+        if not paths:
+            raise UserError(f"--images {config.images}: no image files in that folder")
+        return f"{config.images}", [(p.stem, _read(p, channels)) for p in paths]
     if config.images is not None:
         return "arrays given by the caller", list(config.images)[: config.limit]
     folder = sources.datasets_dir(config.datasets) / "Set12"

@@ -34,7 +34,8 @@ EXACT_PSNR = 100.0  # what the clean rows report for an output equal to its inpu
 
 @dataclass(frozen=True)
 class RepairConfig:
-    """One repair benchmark run. `images` (tests): [(name, (H, W, C) float array)]."""
+    """One repair benchmark run. `images`: a folder of images (`--images`), or (tests) [(name, (H, W, C) float
+    array)]."""
 
     damage: str = DAMAGE
     datasets: str | Path | None = None  # folder holding Set12/; None: `sources.datasets_dir()`
@@ -46,7 +47,7 @@ class RepairConfig:
     seed: int = 0
     out_dir: str = "bench-output"
     sheet_images: int = 2  # images on the contact sheet
-    images: list | None = field(default=None, compare=False)
+    images: str | list | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         try:
