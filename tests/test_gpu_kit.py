@@ -19,7 +19,8 @@ from restoration.bench.throughput import ThroughputConfig
 from restoration.checkpoint import load_model
 from restoration.sources import datasets_dir
 from restoration.train import resolve_config
-from restoration.train.restorer import RestorerTrainConfig, init_weights, plan_epochs
+from restoration.train.restorer import RestorerTrainConfig, init_weights
+from restoration.train.worker import plan_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "scripts" / "device" / "run.sh"

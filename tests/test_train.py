@@ -314,3 +314,28 @@ def test_workers_that_leave_no_cpu_for_the_parquet_listing_are_refused(s3, ray_c
     ):
         launch("dcgan", config, where, fmnist_test_shards.uri)
     assert not storage.exists(storage.join(runs, "too-wide", "config.json"))  # refused before the run was set up
+
+
+IMAGE_FAMILIES = {
+    "upscaler": ("upscale-x2-cpu", {"width": 8, "depth": 3, "patch_size": 16, "batch_size": 4}),
+    "inpainter": ("inpaint-tiny", {}),
+    "repairer": ("repair-tiny", {}),
+}
+
+
+@pytest.mark.parametrize("kind", list(IMAGE_FAMILIES))
+def test_each_image_family_runs_the_shared_epoch_loop_through_ray_train(s3, ray_cluster, train400_shards, kind):
+    """The upscaler, inpainter and repairer run the restorer's epoch loop (`worker.run_epochs`) through Ray Train on
+    the S3 shards: every epoch reported with its loss, schedule and validation, a checkpoint each, and the exported
+    model file of the family's kind, the best epoch's."""
+    preset, tiny = IMAGE_FAMILIES[kind]
+    config = resolve_config(kind, preset, {**tiny, "epochs": 2, "steps_per_epoch": 3, "time_budget_s": 600.0})
+    runs = s3.uri("train", "families")
+    report = launch(kind, config, LaunchConfig(storage=runs, name=kind), train400_shards.uri)
+    assert report.epochs == [0, 1]
+    for epoch, metrics in enumerate(report.history):
+        assert metrics["epoch"] == epoch and metrics["started_from_epoch"] == 0 and metrics["planned_epochs"] == 2
+        assert np.isfinite(metrics["loss"]) and metrics["lr"] > 0 and np.isfinite(metrics["val_psnr"])
+    assert sorted(checkpoint_models(storage.join(runs, kind))) == [0, 1]
+    loaded = load_model(storage.read_bytes(report.model_path), expected_kind=kind)
+    assert loaded.meta["metrics"] == report.metrics and loaded.meta["train_config"]["epochs"] == 2

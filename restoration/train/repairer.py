@@ -12,24 +12,22 @@ input, the found mask's IoU with the damage, and the PSNR of the repaired clean 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from restoration import degrade, metrics
-from restoration.checkpoint import load_named, save_model
+from restoration.checkpoint import load_named
 from restoration.errors import UserError
 from restoration.models.repairer import Repairer, RepairerConfig
 from restoration.train import worker
 from restoration.train.inpainter import inpaint_loss
 from restoration.train.patches import PatchSampler
-from restoration.train.restorer import PRECISIONS, decode_rows, plan_epochs
+from restoration.train.restorer import PRECISIONS, decode_rows
 from restoration.train.restorer_core import lr_factor
 from restoration.train.upscaler import autocast
 
@@ -67,7 +65,7 @@ class RepairerTrainConfig:
     # Validation: this damage on central crops of at most `val_max_side` of the held-out images.
     val_damage: str = "scratch:5,spots:10"
     val_max_side: int = 180
-    time_budget_s: float | None = None  # wall seconds of one attempt (see restorer.plan_epochs)
+    time_budget_s: float | None = None  # wall seconds of one attempt (see worker.plan_epochs)
     fail_at_epoch: int = -1  # fault injection (tests, drills): raise once at this epoch
     score: str = "val_psnr"
     score_order: str = "max"
@@ -276,35 +274,12 @@ def train_loop_per_worker(config: dict) -> None:
     net = model.module if hasattr(model, "module") else model
     device = next(net.parameters()).device
 
-    planned = cfg.epochs  # lowered by the time budget, if any, after each epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        if epoch >= planned:
-            break
-        worker.maybe_fail(cfg, epoch, start_epoch)
-        t0 = time.perf_counter()
+    def train(epoch: int, planned: int) -> list[dict[str, float]]:
         batches = training_batches(cfg, train_images, (cfg.seed, rank, epoch), device)
         model.train()
-        logs = train_epoch(model, optimizer, cfg, batches, epoch, planned)
-        seconds = time.perf_counter() - t0
+        return train_epoch(model, optimizer, cfg, batches, epoch, planned)
 
-        # Validate (rank 0) and report; rank 0 hands over the checkpoint.
-        samples = cfg.steps_per_epoch * cfg.batch_size * world_size
-        metrics_ = worker.epoch_metrics(
-            logs, epoch, start_epoch, samples, seconds, lr=optimizer.param_groups[0]["lr"], planned_epochs=planned
-        )
-        state = None
-        if rank == 0:
-            if val_pairs:
-                metrics_.update({f"val_{k}": v for k, v in evaluate(net, val_pairs).items()})
-            worker.log_epoch("repairer", epoch, planned, metrics_)
-            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
-        metrics_.setdefault("val_psnr", float("nan"))
-        meta = {"train_config": dataclasses.asdict(cfg), "epoch": epoch, "metrics": metrics_}
+    def validate() -> dict[str, float]:
+        return {f"val_{k}": v for k, v in evaluate(net, val_pairs).items()}
 
-        def write_files(folder: Path, meta=meta) -> None:
-            save_model(folder / "model.pt", "repairer", net.config, net, meta=meta)
-
-        worker.report_epoch(metrics_, state, write_files if rank == 0 else None)
-        if cfg.time_budget_s is not None:  # every rank follows rank 0's clock, so all stop after the same epoch
-            now = time.perf_counter()
-            planned = worker.from_rank0(plan_epochs(cfg, epoch + 1, now - started, now - t0))
+    worker.run_epochs("repairer", cfg, net, optimizer, start_epoch, started, train, validate if val_pairs else None)

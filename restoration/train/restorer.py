@@ -5,25 +5,23 @@ rotations) and degrades each patch — Gaussian noise (fixed σ, or blind σ ∈
 set, a per-patch mix of blur, noise and JPEG (`DegradeMix`) — residual learning with Adam and a cosine or step
 schedule, validation PSNR on held-out images every epoch. `precision="bf16"` trains under bfloat16 autocast with
 channels-last tensors (on CPUs with AMX or AVX512-BF16 several times faster than fp32); `init_from` starts from the
-weights of an existing model file (fine-tuning); `time_budget_s` bounds the run's wall time (see `plan_epochs`).
+weights of an existing model file (fine-tuning); `time_budget_s` bounds the run's wall time (see `worker.plan_epochs`).
 Randomness is seeded by (seed, rank, epoch), so a run resumed at an epoch boundary draws exactly the patches an
 uninterrupted one would.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from restoration import codec, sources
-from restoration.checkpoint import load_named, save_model
+from restoration.checkpoint import load_named
 from restoration.errors import UserError
 from restoration.models.restorer import Restorer, RestorerConfig
 from restoration.train import worker
@@ -81,7 +79,8 @@ class RestorerTrainConfig:
     val_sigma: float = 25.0
     val_max_side: int | None = 256
     # Wall seconds for the epochs of one attempt, counted from the start of the worker's loop (data decoding
-    # included); the run stops after the last epoch that fits, its schedule re-planned to end there (`plan_epochs`).
+    # included); the run stops after the last epoch that fits, its schedule re-planned to end there
+    # (`worker.plan_epochs`).
     time_budget_s: float | None = None
     fail_at_epoch: int = -1  # fault injection (tests, drills): raise once at this epoch
     score: str = "val_psnr"
@@ -181,27 +180,6 @@ def init_weights(name_or_path: str, config: RestorerConfig) -> dict:
     return loaded.module.state_dict()
 
 
-def plan_epochs(cfg: RestorerTrainConfig, epochs_done: int, elapsed_s: float, epoch_s: float) -> int:
-    """The epochs a run with a time budget does in all, planned again after every epoch.
-
-    As many more epochs as fit in what is left of `cfg.time_budget_s` at the pace of the last one, never more than
-    `cfg.epochs`. The learning-rate schedule runs over the planned epochs (`train_epoch`'s `epochs`), so a run that
-    its budget cuts short still anneals to the end of its schedule.
-
-    Args:
-        cfg: the run's config; without a time budget the plan is `cfg.epochs`.
-        epochs_done: the index of the next epoch.
-        elapsed_s: seconds spent so far (decoding, training, validation and checkpoints).
-        epoch_s: seconds the last epoch took, validation and checkpoint included.
-    Returns:
-        The planned number of epochs; `epochs_done` means stop now.
-    """
-    if cfg.time_budget_s is None:
-        return cfg.epochs
-    fits = int(max(0.0, cfg.time_budget_s - elapsed_s) // max(epoch_s, 1e-6))
-    return max(epochs_done, min(cfg.epochs, epochs_done + fits))
-
-
 def train_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -222,7 +200,7 @@ def train_epoch(
         optimizer: Adam over its parameters; the learning rate is set per step from the schedule.
         cfg: the run's config; images: float32 (H, W, C) training images; rank: the worker's rank.
         epoch: the epoch index; device: where the model is.
-        epochs: the epochs the learning-rate schedule spans (default `cfg.epochs`; see `plan_epochs`).
+        epochs: the epochs the learning-rate schedule spans (default `cfg.epochs`; see `worker.plan_epochs`).
     Returns:
         The loss of every step.
     """
@@ -303,40 +281,17 @@ def train_loop_per_worker(config: dict) -> None:
     net = model.module if hasattr(model, "module") else model
     device = next(net.parameters()).device
 
-    planned = cfg.epochs  # lowered by the time budget, if any, after each epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        if epoch >= planned:
-            break
-        worker.maybe_fail(cfg, epoch, start_epoch)
-        t0 = time.perf_counter()
+    def train(epoch: int, planned: int) -> list[dict[str, float]]:
         losses = train_epoch(model, optimizer, cfg, train_images, rank, epoch, device, epochs=planned)
-        seconds = time.perf_counter() - t0
-        recalibrate(net, cfg, train_images, (cfg.seed, rank, epoch), device)  # before validating and saving
+        return [{"loss": loss} for loss in losses]
 
-        # Validate (rank 0) and report; rank 0 hands over the checkpoint.
-        metrics = {
-            "epoch": epoch,
-            "started_from_epoch": start_epoch,
-            "loss": float(np.mean(losses)),
-            "lr": optimizer.param_groups[0]["lr"],  # the last step's
-            "samples_per_s": cfg.steps_per_epoch * cfg.batch_size * world_size / seconds,
-            "epoch_seconds": seconds,
-            "planned_epochs": planned,
-        }
-        state = None
-        if rank == 0:
-            if val_images:
-                val = evaluate_psnr(net, val_images, NoiseSpec(sigma=cfg.val_sigma), max_side=cfg.val_max_side)
-                metrics.update(val_psnr=val["psnr"], val_psnr_input=val["psnr_input"])
-            worker.log_epoch("restorer", epoch, planned, metrics)
-            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
-        metrics.setdefault("val_psnr", float("nan"))
-        meta = {"train_config": dataclasses.asdict(cfg), "epoch": epoch, "metrics": metrics}
+    def validate() -> dict[str, float]:
+        val = evaluate_psnr(net, val_images, NoiseSpec(sigma=cfg.val_sigma), max_side=cfg.val_max_side)
+        return {"val_psnr": val["psnr"], "val_psnr_input": val["psnr_input"]}
 
-        def write_files(folder: Path, meta=meta) -> None:
-            save_model(folder / "model.pt", "restorer", net.config, net, meta=meta)
+    def after_train(epoch: int) -> None:  # BatchNorm statistics before validating and saving
+        recalibrate(net, cfg, train_images, (cfg.seed, rank, epoch), device)
 
-        worker.report_epoch(metrics, state, write_files if rank == 0 else None)
-        if cfg.time_budget_s is not None:  # every rank follows rank 0's clock, so all stop after the same epoch
-            now = time.perf_counter()
-            planned = worker.from_rank0(plan_epochs(cfg, epoch + 1, now - started, now - t0))
+    worker.run_epochs(
+        "restorer", cfg, net, optimizer, start_epoch, started, train, validate if val_images else None, after_train
+    )

@@ -8,27 +8,25 @@ commute with the downscaling. L1 loss (EDSR, Lim et al. CVPRW 2017), Adam with a
 the Y channel with `scale` border pixels cropped, against bicubic upsampling of the same inputs. `precision="bf16"`
 trains under bfloat16 autocast with channels-last tensors (CPUs with AMX or AVX512-BF16); `init_from` starts from an
 upscaler model file, of another scale too (everything but the scale-specific tail is copied: a x3 or x4 model from
-the x2 body); `time_budget_s` bounds the wall time (see `restorer.plan_epochs`).
+the x2 body); `time_budget_s` bounds the wall time (see `worker.plan_epochs`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from restoration import codec, degrade, metrics
-from restoration.checkpoint import load_named, save_model
+from restoration.checkpoint import load_named
 from restoration.errors import UserError
 from restoration.models.upscaler import Upscaler, UpscalerConfig
 from restoration.train import worker
-from restoration.train.restorer import PRECISIONS, decode_rows, plan_epochs
+from restoration.train.restorer import PRECISIONS, decode_rows
 from restoration.train.restorer_core import lr_factor
 
 
@@ -52,7 +50,7 @@ class UpscalerTrainConfig:
     seed: int = 0
     precision: str = "fp32"  # "bf16": bfloat16 autocast + channels-last (CUDA, or CPUs with AMX/AVX512-BF16)
     init_from: str | None = None  # upscaler model name or file (any scale) to start from; ignored when resuming
-    time_budget_s: float | None = None  # wall seconds of one attempt (see restorer.plan_epochs)
+    time_budget_s: float | None = None  # wall seconds of one attempt (see worker.plan_epochs)
     fail_at_epoch: int = -1  # fault injection (tests, drills): raise once at this epoch
     score: str = "val_psnr"
     score_order: str = "max"
@@ -247,41 +245,13 @@ def train_loop_per_worker(config: dict) -> None:
     net = model.module if hasattr(model, "module") else model
     device = next(net.parameters()).device
 
-    planned = cfg.epochs  # lowered by the time budget, if any, after each epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        if epoch >= planned:
-            break
-        worker.maybe_fail(cfg, epoch, start_epoch)
-        t0 = time.perf_counter()
+    def train(epoch: int, planned: int) -> list[dict[str, float]]:
         batches = training_batches(cfg, train_pairs, (cfg.seed, rank, epoch), device)
         model.train()
-        losses = train_epoch(model, optimizer, cfg, batches, epoch, planned)
-        seconds = time.perf_counter() - t0
+        return [{"loss": loss} for loss in train_epoch(model, optimizer, cfg, batches, epoch, planned)]
 
-        # Validate (rank 0) and report; rank 0 hands over the checkpoint.
-        metrics_ = {
-            "epoch": epoch,
-            "started_from_epoch": start_epoch,
-            "loss": float(np.mean(losses)),
-            "lr": optimizer.param_groups[0]["lr"],
-            "samples_per_s": cfg.steps_per_epoch * cfg.batch_size * world_size / seconds,
-            "epoch_seconds": seconds,
-            "planned_epochs": planned,
-        }
-        state = None
-        if rank == 0:
-            if val_pairs:
-                val = evaluate(net, val_pairs)
-                metrics_.update(val_psnr=val["psnr"], val_psnr_bicubic=val["psnr_bicubic"])
-            worker.log_epoch("upscaler", epoch, planned, metrics_)
-            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
-        metrics_.setdefault("val_psnr", float("nan"))
-        meta = {"train_config": dataclasses.asdict(cfg), "epoch": epoch, "metrics": metrics_}
+    def validate() -> dict[str, float]:
+        val = evaluate(net, val_pairs)
+        return {"val_psnr": val["psnr"], "val_psnr_bicubic": val["psnr_bicubic"]}
 
-        def write_files(folder: Path, meta=meta) -> None:
-            save_model(folder / "model.pt", "upscaler", net.config, net, meta=meta)
-
-        worker.report_epoch(metrics_, state, write_files if rank == 0 else None)
-        if cfg.time_budget_s is not None:  # every rank follows rank 0's clock, so all stop after the same epoch
-            now = time.perf_counter()
-            planned = worker.from_rank0(plan_epochs(cfg, epoch + 1, now - started, now - t0))
+    worker.run_epochs("upscaler", cfg, net, optimizer, start_epoch, started, train, validate if val_pairs else None)

@@ -9,6 +9,7 @@ every worker builds its config again (`setup_worker`).
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,90 @@ def epoch_metrics(
     means = {f"{prefix}{k}": float(np.mean([log[k] for log in logs])) for k in logs[0]}
     speed = {"samples_per_s": samples / seconds, "epoch_seconds": seconds}
     return {**means, "epoch": epoch, "started_from_epoch": start_epoch, **extra, **speed}
+
+
+def plan_epochs(cfg: Any, epochs_done: int, elapsed_s: float, epoch_s: float) -> int:
+    """The epochs a run with a time budget does in all, planned again after every epoch.
+
+    As many more epochs as fit in what is left of `cfg.time_budget_s` at the pace of the last one, never more than
+    `cfg.epochs`. The learning-rate schedule runs over the planned epochs (the trainers' `train_epoch` take them), so
+    a run that its budget cuts short still anneals to the end of its schedule.
+
+    Args:
+        cfg: the run's config; without a time budget the plan is `cfg.epochs`.
+        epochs_done: the index of the next epoch.
+        elapsed_s: seconds spent so far (decoding, training, validation and checkpoints).
+        epoch_s: seconds the last epoch took, validation and checkpoint included.
+    Returns:
+        The planned number of epochs; `epochs_done` means stop now.
+    """
+    if cfg.time_budget_s is None:
+        return cfg.epochs
+    fits = int(max(0.0, cfg.time_budget_s - elapsed_s) // max(epoch_s, 1e-6))
+    return max(epochs_done, min(cfg.epochs, epochs_done + fits))
+
+
+def run_epochs(
+    kind: str,
+    cfg: Any,
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    start_epoch: int,
+    started: float,
+    train: Callable[[int, int], list[dict[str, float]]],
+    validate: Callable[[], dict[str, float]] | None,
+    after_train: Callable[[int], None] | None = None,
+) -> None:
+    """The epoch loop of the image-to-image trainers (restorer, upscaler, inpainter, repairer), from `start_epoch`
+    until `cfg.epochs` or the time budget's plan (`plan_epochs`, every rank following rank 0's clock).
+
+    Each epoch: the injected failure, if due (`maybe_fail`); `train(epoch, planned)`, timed, returning its per-step
+    logs ({"loss": ...} and any parts); `after_train(epoch)`, untimed (a restorer's BatchNorm re-estimation); then on
+    rank 0 `validate()` (metrics named `val_*`; None: no validation images) and the log line; every rank reports
+    (`epoch_metrics`, plus `lr` and `planned_epochs`), rank 0 with a checkpoint: the state to resume from and
+    `model.pt`, the exported model file of kind `kind`.
+
+    Args:
+        kind: the model kind, as `save_model` writes it.
+        cfg: the run's config (epochs, steps_per_epoch, batch_size, time_budget_s; written into each model file).
+        net: the unwrapped model; optimizer: its optimizer.
+        start_epoch: the epoch this attempt starts at (`resume`); started: `time.perf_counter()` at the loop's start.
+    """
+    import dataclasses
+
+    from restoration.checkpoint import save_model
+
+    rank, world_size = world()
+    planned = cfg.epochs
+    for epoch in range(start_epoch, cfg.epochs):
+        if epoch >= planned:
+            break
+        maybe_fail(cfg, epoch, start_epoch)
+        t0 = time.perf_counter()
+        logs = train(epoch, planned)
+        seconds = time.perf_counter() - t0
+        if after_train is not None:
+            after_train(epoch)
+        samples = cfg.steps_per_epoch * cfg.batch_size * world_size
+        metrics = epoch_metrics(
+            logs, epoch, start_epoch, samples, seconds, lr=optimizer.param_groups[0]["lr"], planned_epochs=planned
+        )
+        state = None
+        if rank == 0:
+            if validate is not None:
+                metrics.update(validate())
+            log_epoch(kind, epoch, planned, metrics)
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
+        metrics.setdefault("val_psnr", float("nan"))
+        meta = {"train_config": dataclasses.asdict(cfg), "epoch": epoch, "metrics": metrics}
+
+        def write_files(folder: Path, meta=meta) -> None:
+            save_model(folder / "model.pt", kind, net.config, net, meta=meta)
+
+        report_epoch(metrics, state, write_files if rank == 0 else None)
+        if cfg.time_budget_s is not None:
+            now = time.perf_counter()
+            planned = from_rank0(plan_epochs(cfg, epoch + 1, now - started, now - t0))
 
 
 def log_epoch(kind: str, epoch: int, epochs: int, metrics: dict[str, float]) -> None:

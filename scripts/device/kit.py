@@ -59,7 +59,7 @@ class TrainStage:
 COLOR_VAL = "color-samples"  # the 7 colour photos of scikit-image and scikit-learn (restoration.samples)
 
 # The bundled restorers' families at their presets' full size. The presets' step counts are the caps; each run's
-# time budget decides how much of them it does, and its schedule anneals within the budget (`plan_epochs`).
+# time budget decides how much of them it does, and its schedule anneals within the budget (`worker.plan_epochs`).
 TRAIN_STAGES = (
     # DnCNN-B (20 layers, 64 channels, batch 128 of 50x50, blind sigma 0-55): the preset's 50 x 1000 steps as
     # 100 x 500, so the budget is planned in epochs of a few seconds.
@@ -129,8 +129,9 @@ def plain_train(spec: dict) -> dict:
     from restoration.device import default_device
     from restoration.models.restorer import Restorer
     from restoration.sources import load_images
-    from restoration.train.restorer import init_weights, plan_epochs, recalibrate, train_epoch
+    from restoration.train.restorer import init_weights, recalibrate, train_epoch
     from restoration.train.restorer_core import NoiseSpec, evaluate_psnr
+    from restoration.train.worker import plan_epochs
 
     started = time.perf_counter()
     cfg = train_config(spec)
