@@ -15,7 +15,7 @@ from restoration.errors import UserError
 # tokens) are never forwarded: Ray writes every runtime env into its logs. Workers get them from their own
 # environment: a local cluster's workers inherit the driver's, a real cluster's nodes have their own (or instance
 # profiles), and a submitted job's `--runtime-env-json` reaches every worker.
-_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "MKL_CBWR")
 
 # Arrow's allocator in every worker, unless the driver's environment names one. pyarrow's default, mimalloc, keeps
 # what a task freed: a restore run's data workers each held about 77 MB of it after their tasks were done, and Ray
@@ -26,8 +26,9 @@ ARROW_MEMORY_POOL = "jemalloc"
 
 
 def forwarded_env() -> dict[str, str]:
-    """What every worker of the job inherits from the driver: its S3 endpoint and region settings, and Arrow's
-    allocator (`ARROW_MEMORY_POOL` where this pyarrow has it, or the driver's own `ARROW_DEFAULT_MEMORY_POOL`)."""
+    """What every worker of the job inherits from the driver: its S3 endpoint and region settings, MKL's
+    reproducibility mode (see `restoration.MKL_CBWR`), and Arrow's allocator (`ARROW_MEMORY_POOL` where this pyarrow
+    has it, or the driver's own `ARROW_DEFAULT_MEMORY_POOL`)."""
     env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
     pool = os.environ.get("ARROW_DEFAULT_MEMORY_POOL") or (ARROW_MEMORY_POOL if _arrow_has_jemalloc() else None)
     if pool:

@@ -143,6 +143,38 @@ def test_latent_depends_only_on_seed_and_index():
     np.testing.assert_allclose(torch.stack([latent_for(0, i, 4) for i in range(4000)]).std().item(), 1.0, atol=0.05)
 
 
+# Random float64 products, each also with one operand moved by 8 bytes in memory: a process that imported `restoration`
+# gets the same bits for both (MKL's strict reproducibility mode), and so does a Ray worker of its cluster.
+_MKL_PRODUCTS = """
+import random, sys, torch
+import restoration
+torch.set_num_threads(1)
+rng, changed = random.Random(0), 0
+for _ in range(400):
+    m, k, n = rng.randint(1, 300), rng.randint(1, 300), rng.randint(1, 300)
+    a, b = torch.randn(m, k, dtype=torch.float64), torch.randn(k, n, dtype=torch.float64)
+    moved = torch.empty(m * k + 1, dtype=torch.float64)[1:].view(m, k).copy_(a)
+    changed += not torch.equal(moved @ b, a @ b)
+print("changed", changed)
+"""
+
+
+def test_matrix_products_do_not_depend_on_where_their_operands_sit_in_memory(ray_cluster):
+    import os
+
+    import ray
+
+    done = subprocess.run([sys.executable, "-c", _MKL_PRODUCTS], capture_output=True, text=True, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["changed", "0"], done.stdout
+
+    @ray.remote(num_cpus=0)
+    def worker_env():
+        return os.environ.get("MKL_CBWR")
+
+    assert ray.get(worker_env.remote()) == os.environ["MKL_CBWR"] == "AUTO,STRICT"
+
+
 def test_actor_rows_are_raw_samples_and_encoding_gives_the_pngs_of_the_generator_output(gan_file):
     """The actor only quantises; `encode_images` (a task of its own in the pipeline) makes the PNGs, byte for byte
     the PNGs of the generator's float output, and keeps error rows' null images."""
