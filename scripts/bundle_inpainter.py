@@ -10,30 +10,19 @@ composite, PSNR over the whole image and inside the holes), beside the classical
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
-from pathlib import Path
 
-import torch
+import bundle_common
 
 from restoration.bench.quality import inpaint
-from restoration.checkpoint import WEIGHTS_DIR, load_model
+from restoration.checkpoint import load_model
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_file", type=Path)
-    p.add_argument("name")
-    p.add_argument("--command", required=True, help="the training command(s) that made the model")
-    p.add_argument("--wall-seconds", type=float, default=None, help="training wall time, all stages together")
-    p.add_argument("--note", default=None)
-    args = p.parse_args(argv)
-    torch.set_num_threads(2)
-
+    args = bundle_common.parse(bundle_common.parser(__doc__), argv)
     loaded = load_model(args.model_file, expected_kind="inpainter")
-    dest = WEIGHTS_DIR / f"{args.name}.pt"
+    dest = bundle_common.destination(args.name)
     shutil.copyfile(args.model_file, dest)
     result = inpaint.benchmark(inpaint.InpaintConfig(models=(str(dest),), sheet_images=1))
     measured: dict[str, dict] = {}
@@ -56,15 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{train_config.get('patch_size')} px patches with the 8 dihedral transforms and a fresh free-form mask each "
         f"(coverage {train_config.get('coverage_min')}-{train_config.get('coverage_max')}), L1 in the holes plus "
         f"{train_config.get('outside_weight')} x L1 outside",
-        "training": {
-            "command": args.command,
-            "train_config": train_config or None,
-            "best_epoch": loaded.meta.get("epoch"),
-            "wall_seconds": args.wall_seconds,
-            "device": "CPU (2 cores, bfloat16 autocast on AVX512-BF16)"
-            if train_config.get("precision") == "bf16"
-            else "CPU",
-        },
+        "training": bundle_common.training(args, loaded),
         "metrics": {
             "protocol": " ".join(inpaint.__doc__.split("\n\n", 1)[1].split()),
             "eval_images": result["description"],
@@ -72,11 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             **measured,
         },
     }
-    if args.note:
-        record["note"] = args.note
-    (WEIGHTS_DIR / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(inpaint.format_table(result))
-    print(f"bundled {dest} sha256 {loaded.sha256}")
+    bundle_common.write_record(args, record, loaded.sha256)
     return 0
 
 

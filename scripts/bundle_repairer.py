@@ -16,17 +16,15 @@ on the evaluation images (Set12, or the colour photos with --color), beside the 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
+import bundle_common
 
 from restoration.bench.quality import repair
-from restoration.checkpoint import WEIGHTS_DIR, load_model, save_model
+from restoration.checkpoint import load_model, save_model
 
 
 def _with_threshold(source: Path, threshold: float, dest: Path) -> None:
@@ -51,18 +49,12 @@ def _measured(result: dict, label: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_file", type=Path)
-    p.add_argument("name")
+    p = bundle_common.parser(__doc__)
     p.add_argument("--held-out", required=True, type=Path, help="folder of held-out training images")
     p.add_argument("--color", action="store_true", help="a colour repairer: evaluated on the colour photos")
     p.add_argument("--thresholds", default="0,0.5,1,1.5,2,2.5,3,3.5,4", help="logit thresholds to try")
     p.add_argument("--clean-psnr", type=float, default=40.0, help="dB the undamaged images must keep")
-    p.add_argument("--command", required=True, help="the training command(s) that made the model")
-    p.add_argument("--wall-seconds", type=float, default=None, help="training wall time, all stages together")
-    p.add_argument("--note", default=None)
-    args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    args = bundle_common.parse(p, argv)
 
     loaded = load_model(args.model_file, expected_kind="repairer")
     thresholds = sorted(float(t) for t in args.thresholds.split(","))
@@ -88,11 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"held-out sweep ({result['description']}): {sweep}; chosen threshold {chosen:g}")
 
-    dest = WEIGHTS_DIR / f"{args.name}.pt"
+    dest = bundle_common.destination(args.name)
     _with_threshold(args.model_file, chosen, dest)
     bundled = load_model(dest, expected_kind="repairer")
     result = repair.benchmark(repair.RepairConfig(models=(str(dest),), color=args.color, sheet_images=1))
-    train_config = loaded.meta.get("train_config") or {}
     data = "LIVE1 (29 colour photos)" if args.color else "Train400 (400 gray 180x180 PNG)"
     record = {
         "name": args.name,
@@ -104,15 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"kind": "repairer", **dataclasses.asdict(bundled.config)},
         "trained_on": f"{data}, 1 in 20 held out for validation; damage drawn on the fly (scratches, spots), the "
         "detector trained on the damage mask (BCE) and the fill on the grown mask (L1)",
-        "training": {
-            "command": args.command,
-            "train_config": train_config or None,
-            "best_epoch": loaded.meta.get("epoch"),
-            "wall_seconds": args.wall_seconds,
-            "device": "CPU (2 cores, bfloat16 autocast on AVX512-BF16)"
-            if train_config.get("precision") == "bf16"
-            else "CPU",
-        },
+        "training": bundle_common.training(args, loaded),
         "threshold": {
             "rule": f"the lowest logit threshold keeping the held-out clean images at >= {args.clean_psnr:g} dB",
             "held_out_images": f"the held-out split of the training set ({args.held_out.name})",
@@ -127,11 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             **_measured(result, result["models"][0]),
         },
     }
-    if args.note:
-        record["note"] = args.note
-    (WEIGHTS_DIR / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(repair.format_table(result))
-    print(f"bundled {dest} sha256 {bundled.sha256}")
+    bundle_common.write_record(args, record, bundled.sha256)
     return 0
 
 

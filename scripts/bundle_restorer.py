@@ -10,17 +10,15 @@ data range 1): Gaussian noise at sigma 15/25/50, and for restore-* models JPEG q
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
+import bundle_common
 import numpy as np
-import torch
 
 from restoration import degrade, metrics
-from restoration.checkpoint import WEIGHTS_DIR, load_model
+from restoration.checkpoint import load_model
 from restoration.inference import RestoreActor
 from restoration.sources import load_images
 
@@ -54,22 +52,15 @@ def measure(model_file: Path, images: list[np.ndarray], restore_kinds: bool) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_file", type=Path)
-    p.add_argument("name")
+    p = bundle_common.parser(__doc__)
     p.add_argument("--task", required=True)
-    p.add_argument("--command", required=True, help="the training command(s) that made the model")
     p.add_argument("--trained-on", required=True)
     p.add_argument(
         "--eval-images",
         default=str(Path(__file__).resolve().parents[1].parent / "shared/datasets/Set12"),
         help=f"folder of evaluation images (default: Set12), or {COLOR_SAMPLES!r}: the 7 photos of bench quality --color",
     )
-    p.add_argument("--wall-seconds", type=float, default=None, help="training wall time, all sessions together")
-    p.add_argument("--device", default=None, help="what trained it (default: this project's 2-core CPU)")
-    p.add_argument("--note", default=None)
-    args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    args = bundle_common.parse(p, argv)
 
     loaded = load_model(args.model_file, expected_kind="restorer")
     if args.eval_images == COLOR_SAMPLES:
@@ -78,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         _, _, images = load_benchmark_images(QualityConfig(color=True))
     else:
         images = load_images(args.eval_images, channels=loaded.config.channels)
-    dest = WEIGHTS_DIR / f"{args.name}.pt"
+    dest = bundle_common.destination(args.name)
     shutil.copyfile(args.model_file, dest)
     record = {
         "name": args.name,
@@ -87,18 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "task": args.task,
         "model": {"kind": "restorer", **loaded.config.__dict__},
         "trained_on": args.trained_on,
-        "training": {
-            "command": args.command,
-            "train_config": loaded.meta.get("train_config"),
-            "best_epoch": loaded.meta.get("epoch"),
-            "wall_seconds": args.wall_seconds,
-            "device": args.device
-            or (
-                "CPU (2 cores, bfloat16 autocast on AMX)"
-                if loaded.meta.get("train_config", {}).get("precision") == "bf16"
-                else "CPU"
-            ),
-        },
+        "training": bundle_common.training(args, loaded),
         "metrics": {
             "protocol": "noise N(0, sigma/255) added in float, not clipped, seeded per image; JPEG via Pillow; PSNR "
             "on the whole image, data range 1, output clipped to [0, 1]; fp32 inference",
@@ -106,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             **measure(dest, images, args.name.startswith("restore")),
         },
     }
-    if args.note:
-        record["note"] = args.note
-    (WEIGHTS_DIR / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"bundled {dest} sha256 {loaded.sha256}")
+    bundle_common.write_record(args, record, loaded.sha256)
     return 0
 
 

@@ -10,31 +10,21 @@ on Y with `scale` border pixels cropped), beside Pillow's bicubic on the same in
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
-from pathlib import Path
 
-import torch
+import bundle_common
 
 from restoration.bench.quality import upscale
-from restoration.checkpoint import WEIGHTS_DIR, load_model
+from restoration.checkpoint import load_model
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_file", type=Path)
-    p.add_argument("name")
-    p.add_argument("--command", required=True, help="the training command(s) that made the model")
-    p.add_argument("--wall-seconds", type=float, default=None, help="training wall time, all stages together")
-    p.add_argument("--note", default=None)
-    args = p.parse_args(argv)
-    torch.set_num_threads(2)
-
+    args = bundle_common.parse(bundle_common.parser(__doc__), argv)
     loaded = load_model(args.model_file, expected_kind="upscaler")
     scale = int(loaded.config.scale)
-    dest = WEIGHTS_DIR / f"{args.name}.pt"
+    dest = bundle_common.destination(args.name)
     shutil.copyfile(args.model_file, dest)
     result = upscale.benchmark(upscale.UpscaleConfig(scales=(scale,), models=(str(dest),), sheet_images=1))
     measured = {}
@@ -52,15 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         "trained_on": "Train400 (400 gray 180x180 PNG; 1 in 20 held out for validation), low-resolution inputs made "
         f"by `degrade` lr:{scale} (modcrop + Pillow bicubic in float), aligned {train_config.get('patch_size')} px "
         "low-resolution crops with the 8 dihedral transforms, L1 loss",
-        "training": {
-            "command": args.command,
-            "train_config": train_config or None,
-            "best_epoch": loaded.meta.get("epoch"),
-            "wall_seconds": args.wall_seconds,
-            "device": "CPU (2 cores, bfloat16 autocast on AVX512-BF16)"
-            if train_config.get("precision") == "bf16"
-            else "CPU",
-        },
+        "training": bundle_common.training(args, loaded),
         "metrics": {
             "protocol": upscale.PROTOCOL,
             "eval_images": "Set5, Set14" if result["full_sets"] else result["description"],
@@ -68,11 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             **measured,
         },
     }
-    if args.note:
-        record["note"] = args.note
-    (WEIGHTS_DIR / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record["metrics"], indent=2))
-    print(f"bundled {dest} sha256 {loaded.sha256}")
+    bundle_common.write_record(args, record, loaded.sha256)
     return 0
 
 
