@@ -25,7 +25,12 @@ import pyarrow.compute as pc
 from restoration import cluster, codec, data, degrade, files, masks, metrics, runs, schemas
 from restoration.cluster import DATA_TASK_CPUS
 from restoration.errors import UserError
-from restoration.pipelines.batching import AUTO_BATCH_PIXELS, MAX_AUTO_BATCH, auto_batch_size, spread_batch_size  # noqa: F401
+from restoration.pipelines.batching import (  # noqa: F401
+    AUTO_BATCH_PIXELS,
+    MAX_AUTO_BATCH,
+    auto_batch_size,
+    spread_batch_size,
+)
 
 STAGE_SCHEMA = schemas.STAGE_SCHEMA
 OUTPUT_SCHEMA = schemas.RESTORE_OUTPUT_SCHEMA
