@@ -33,9 +33,12 @@ FORMAT = "restoration-model"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "kind", "config", "state_dict", "meta")
 # Config fields added after files were written without them, per kind, with the value such a file means (a VAE file
-# from before sampling priors samples from N(0, I); a DCGAN file from before labels is unconditional). Any other
-# absent field makes the file invalid.
-ADDED_FIELDS: dict[str, dict[str, Any]] = {"vae": {"prior_components": 0, "labels": []}, "dcgan": {"labels": []}}
+# from before sampling priors samples from N(0, I), one from before class guidance decodes the class vector as trained;
+# a DCGAN file from before labels is unconditional). Any other absent field makes the file invalid.
+ADDED_FIELDS: dict[str, dict[str, Any]] = {
+    "vae": {"prior_components": 0, "labels": [], "class_guidance": 0.0},
+    "dcgan": {"labels": []},
+}
 
 
 class ModelFileError(UserError):

@@ -9,6 +9,7 @@ holds what made the model (preset config, command, wall time, the checkpoint's e
 the FID measured by `restoration bench fid` on N samples (features of the bundled Fashion-MNIST classifier); for a
 class-conditional model also the share of its samples the classifier puts in the class asked for, the classifier's
 accuracy on the real test images, and the FID per class.
+`--class-guidance W` sets a conditional VAE's class guidance (`VAEConfig.class_guidance`).
 `--prior-components K` gives a VAE trained without a sampling prior the one the `prior_components` training option
 fits at every checkpoint (`fit_latent_prior`, on 20,000 images of the Fashion-MNIST train split, seed 0); a
 class-conditional VAE gets K components per class, each class's mixture fitted to that class's images among them.
@@ -71,6 +72,18 @@ def with_fitted_prior(loaded: LoadedModel, components: int, images: int = 20_000
     return dataclasses.replace(loaded, config=config, module=vae.eval()), summary
 
 
+def with_class_guidance(loaded: LoadedModel, guidance: float) -> LoadedModel:
+    """The conditional VAE of `loaded` with `VAEConfig.class_guidance` set (the weights unchanged)."""
+    import dataclasses
+
+    from restoration.models.vae import VAE
+
+    config = dataclasses.replace(loaded.config, class_guidance=guidance)
+    vae = VAE(config)
+    vae.load_state_dict(loaded.module.state_dict())
+    return dataclasses.replace(loaded, config=config, module=vae.eval())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="the run's local storage folder")
@@ -81,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fid", type=int, default=0, help="also measure FID on this many samples")
     parser.add_argument(
         "--prior-components", type=int, default=0, help="VAE: fit a mixture sampling prior of K (per class)"
+    )
+    parser.add_argument(
+        "--class-guidance", type=float, default=0.0, help="conditional VAE: the decoder's class guidance (VAEConfig)"
     )
     args = parser.parse_args(argv)
 
@@ -96,7 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         if loaded.kind != "vae" or loaded.config.prior_components:
             raise SystemExit(f"--prior-components needs a VAE without a sampling prior; {model_file} is not one")
         loaded, prior = with_fitted_prior(loaded, args.prior_components)
-        save_model(target, "vae", loaded.config, loaded.module, meta={**loaded.meta, "prior": prior})
+    if args.class_guidance:
+        if loaded.kind != "vae" or not labels:
+            raise SystemExit(f"--class-guidance needs a conditional VAE; {model_file} is not one")
+        loaded = with_class_guidance(loaded, args.class_guidance)
+    if prior is not None or args.class_guidance:
+        save_model(
+            target, "vae", loaded.config, loaded.module, meta={**loaded.meta, **({"prior": prior} if prior else {})}
+        )
         loaded = load_model(target)
     else:
         shutil.copyfile(model_file, target)

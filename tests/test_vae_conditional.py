@@ -90,6 +90,33 @@ def test_the_class_reaches_encoder_and_decoder_and_the_file_keeps_the_class_name
     assert load_named("vae-fmnist").config.labels == ()
 
 
+def test_class_guidance_moves_the_decoders_class_vector_away_from_the_uniform_mix_and_survives_the_file(tmp_path):
+    model = _tiny(labels=("top", "bottom", "bag"), seed=1).eval()
+    guided = VAE(dataclasses.replace(model.config, class_guidance=1.5)).eval()
+    guided.load_state_dict(model.state_dict())
+    z, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 1])
+    one_hot = torch.nn.functional.one_hot(y, 3).float()
+    with torch.no_grad():
+        # decode(z, y) with guidance w reads one_hot + w (one_hot - 1/3), here 2.5 one_hot - 0.5
+        expected = torch.sigmoid(model.decoder(z, 2.5 * one_hot - 0.5))
+        torch.testing.assert_close(guided.decode(z, y), expected)
+        assert not torch.allclose(guided.decode(z, y), model.decode(z, y))
+        # Class weights are guided alike; training's forward pass (the ELBO) never is.
+        torch.testing.assert_close(guided.decode(z, one_hot), expected)
+        x = torch.rand(4, 1, 28, 28)
+        torch.testing.assert_close(guided(x, labels=y)[0], model(x, labels=y)[0])
+    path = tmp_path / "guided.pt"
+    save_model(path, "vae", guided.config, guided)
+    loaded = load_model(path, expected_kind="vae")
+    assert loaded.config.class_guidance == 1.5
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module.decode(z, y), expected)
+    with pytest.raises(ValueError, match="class_guidance=-1: expected a finite number >= 0"):
+        VAEConfig(labels=("a", "b"), class_guidance=-1)
+    with pytest.raises(ValueError, match="only a conditional VAE"):
+        VAEConfig(class_guidance=1.0)
+
+
 def test_a_per_class_prior_draws_each_row_from_its_class_and_a_1_to_1_mix_from_both():
     model = _with_prior(_tiny(prior_components=2))
     n = 4000

@@ -63,6 +63,10 @@ class VAEConfig:
     beta: float = 1.0  # weight of the KL term (beta-VAE when != 1)
     prior_components: int = 0  # 0: sample z ~ N(0, I); K: from a K-component mixture fitted to the posterior
     labels: tuple[str, ...] = ()  # class names, index = class id; empty: unconditional (mixture prior: K per class)
+    # Conditional VAE only: `decode` gives the decoder the class vector moved away from the uniform mix of classes,
+    # c + class_guidance * (c - 1/classes), so that samples show their class more plainly (0: the class vector as
+    # trained). Training and the ELBO never use it; it is set on a trained model (scripts/bundle_generator.py).
+    class_guidance: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))  # a JSON round trip gives a list
@@ -85,6 +89,13 @@ class VAEConfig:
         beta = self.beta
         if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not (0 <= beta < math.inf):
             raise ValueError(f"VAEConfig.beta={beta!r}: expected a finite number >= 0")
+        w = self.class_guidance
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not (0 <= w < math.inf):
+            raise ValueError(f"VAEConfig.class_guidance={w!r}: expected a finite number >= 0")
+        if w and not self.labels:
+            raise ValueError(
+                f"VAEConfig.class_guidance={w!r}: only a conditional VAE (labels set) has classes to guide"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -293,8 +304,12 @@ class VAE(nn.Module):
 
     def decode(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         """(B, D) latents [and classes: (B,) ids or (B, classes) weights] -> (B, C, S, S) images in [0, 1]: the mean
-        of p(x|z[, y])."""
-        out = self.decoder(z, self.condition(labels, z.shape[0]))
+        of p(x|z[, y]), with the class vector guided by `config.class_guidance`."""
+        condition = self.condition(labels, z.shape[0])  # (B, classes) or None
+        w = self.config.class_guidance
+        if condition is not None and w:
+            condition = condition + w * (condition - 1.0 / self.config.num_classes)
+        out = self.decoder(z, condition)
         # The mean of a Bernoulli is sigmoid(logit); a Gaussian mean is unbounded, so clamp it to the pixel range.
         return torch.sigmoid(out) if self.config.likelihood == "bernoulli" else out.clamp(0, 1)
 
