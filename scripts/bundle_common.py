@@ -48,6 +48,18 @@ def training(args: argparse.Namespace, loaded) -> dict:
     }
 
 
+def bench_metrics(bench_module, result: dict, measured: dict) -> dict:
+    """The record's "metrics" block for a `restoration.bench.quality` task: its protocol (the module docstring's
+    second paragraph, whitespace folded), the evaluation images and precision of `result`, then `measured`."""
+    doc = bench_module.__doc__ or ""
+    return {
+        "protocol": " ".join(doc.split("\n\n", 1)[-1].split()) or None,
+        "eval_images": result["description"],
+        "precision": result["precision"],
+        **measured,
+    }
+
+
 def write_record(args: argparse.Namespace, record: dict, sha256: str) -> None:
     """Writes NAME.json (with --note, when given) beside the bundled NAME.pt and says so."""
     if args.note:

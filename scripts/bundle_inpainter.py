@@ -46,12 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(coverage {train_config.get('coverage_min')}-{train_config.get('coverage_max')}), L1 in the holes plus "
         f"{train_config.get('outside_weight')} x L1 outside",
         "training": bundle_common.training(args, loaded),
-        "metrics": {
-            "protocol": " ".join(inpaint.__doc__.split("\n\n", 1)[1].split()),
-            "eval_images": result["description"],
-            "precision": result["precision"],
-            **measured,
-        },
+        "metrics": bundle_common.bench_metrics(inpaint, result, measured),
     }
     print(inpaint.format_table(result))
     bundle_common.write_record(args, record, loaded.sha256)

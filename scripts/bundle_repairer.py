@@ -103,12 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             "sweep": sweep,
             "chosen": chosen,
         },
-        "metrics": {
-            "protocol": " ".join(repair.__doc__.split("\n\n", 1)[1].split()) if repair.__doc__ else None,
-            "eval_images": result["description"],
-            "precision": result["precision"],
-            **_measured(result, result["models"][0]),
-        },
+        "metrics": bundle_common.bench_metrics(repair, result, _measured(result, result["models"][0])),
     }
     print(repair.format_table(result))
     bundle_common.write_record(args, record, bundled.sha256)
