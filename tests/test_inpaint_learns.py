@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from restoration.errors import UserError
 from restoration.models.inpainter import Inpainter
 from restoration.train.inpainter import (
     InpainterTrainConfig,
@@ -51,7 +52,7 @@ def test_psnr_inside_held_out_holes_rises_within_a_fixed_number_of_steps():
     batches = training_batches(cfg, gratings(64, 64, seed=0), (0, 0, 0), torch.device("cpu"))
     for _ in range(100):
         x, target = next(batches)
-        inpainter_step(model, optimizer, x, target, cfg.outside_weight)
+        inpainter_step(model, optimizer, x, target, cfg.outside_weight, cfg.grad_clip)
     after = evaluate(model, held_out)
     assert after["psnr_hole"] > before["psnr_hole"] + 0.5, (before, after)
     assert after["psnr"] > before["psnr"]  # the whole image too (the known pixels are the same)
@@ -65,3 +66,34 @@ def test_the_loss_weighs_the_holes_and_a_little_outside():
     outside_wrong = 1 - inside_wrong
     assert float(inpaint_loss(inside_wrong, target, missing, 0.1)) == pytest.approx(8 / (8 + 0.8))
     assert float(inpaint_loss(outside_wrong, target, missing, 0.1)) == pytest.approx(0.8 / (8 + 0.8))
+
+
+def test_a_step_cuts_the_gradients_global_norm_to_grad_clip():
+    """With plain SGD at lr 1 a step moves the weights by exactly the gradient it applied: cut to `grad_clip` when the
+    gradient is larger, and left whole when clipping is off (0)."""
+    cfg = InpainterTrainConfig(**CFG)
+    x, target = next(training_batches(cfg, gratings(8, 64, seed=0), (0, 0, 0), torch.device("cpu")))
+    moved = {}
+    for clip in (0.0, 1e-3):
+        torch.manual_seed(0)
+        model = Inpainter(cfg.model_config())
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        stats = inpainter_step(model, torch.optim.SGD(model.parameters(), lr=1.0), x, target, cfg.outside_weight, clip)
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        moved[clip] = (float((after - before).norm()), stats["grad_norm"])
+    (whole, norm), (cut, norm_again) = moved[0.0], moved[1e-3]
+    assert norm == pytest.approx(norm_again) and norm > 1e-2  # the same gradient both times, far above the cut
+    assert whole == pytest.approx(norm, rel=1e-3)
+    assert cut == pytest.approx(1e-3, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("grad_clip", -1.0, r"grad_clip must be >= 0 \(0: no clipping\), got -1.0"),
+        ("outside_weight", -0.1, "outside_weight"),
+    ],
+)
+def test_bad_training_fields_are_one_line_errors(field, value, expected):
+    with pytest.raises(UserError, match=expected):
+        InpainterTrainConfig(**{field: value})
