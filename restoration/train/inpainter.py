@@ -6,9 +6,9 @@ with a coverage uniform in [coverage_min, coverage_max], so the model never sees
 on the prediction inside the holes plus `outside_weight` times L1 outside them (the composite keeps those pixels, but
 predicting them too gives the net a denser signal at the holes' borders), Adam with a cosine schedule, the
 gradients' global norm cut to `grad_clip`. Validation: PSNR over the whole image and inside the holes of fixed seeded
-masks (`val_coverage`) on the held-out images, with the push-pull fill alone as the baseline the net must beat. `precision="bf16"` trains under bfloat16 autocast with
-channels-last tensors. Randomness is seeded by (seed, rank, epoch), so a run resumed at an epoch boundary draws what
-an uninterrupted one would.
+masks (`val_coverage`) on the held-out images, with the push-pull fill alone as the baseline the net must beat.
+`precision="bf16"` trains under bfloat16 autocast with channels-last tensors. Randomness is seeded by (seed, rank,
+epoch), so a run resumed at an epoch boundary draws what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -50,9 +50,8 @@ class InpainterTrainConfig:
     outside_weight: float = 0.1  # L1 weight of the known pixels next to the holes' weight 1
     lr: float = 1e-3
     lr_schedule: str = "cosine"
-    # The gradients' global L2 norm is cut to this before each step (0: never). The net has no normalisation layers,
-    # and one outlier batch could throw Adam's moments off for good: an fp32 run at lr 1e-3 went from a loss of 0.076
-    # to 13.6 within its second epoch. Typical norms are 0.15-1 after the first few steps.
+    # The gradients' global L2 norm is cut to this before each step (0: never; typical norms are 0.15-1 after the
+    # first steps). The net has no normalisation layers, and one outlier batch can throw Adam's moments off for good.
     grad_clip: float = 1.0
     seed: int = 0
     precision: str = "fp32"  # "bf16": bfloat16 autocast + channels-last (CUDA, or CPUs with AMX/AVX512-BF16)
