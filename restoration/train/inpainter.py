@@ -152,7 +152,7 @@ def inpaint_loss(pred: torch.Tensor, target: torch.Tensor, missing: torch.Tensor
 
 
 def inpainter_step(
-    model, optimizer, x: torch.Tensor, target: torch.Tensor, outside_weight: float, grad_clip: float = 0.0
+    model, optimizer, x: torch.Tensor, target: torch.Tensor, outside_weight: float, grad_clip: float
 ) -> dict:
     """One optimizer step on `inpaint_loss` of the raw prediction for `x` (B, C + 1, p, p), the gradients' global norm
     cut to `grad_clip` first when it is > 0.
