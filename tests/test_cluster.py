@@ -174,6 +174,8 @@ def set12_shards(s3, set12) -> str:
 @pytest.fixture(scope="module")
 def restore_job(cluster, s3, set12_shards, tmp_path_factory) -> dict:
     """One restore job (an untrained small model, so that inference is cheap), shared by the tests that inspect it."""
+    import torch
+
     from restoration.checkpoint import save_model
     from restoration.models.restorer import Restorer, RestorerConfig
     from restoration.storage import write_bytes
@@ -181,6 +183,7 @@ def restore_job(cluster, s3, set12_shards, tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     # Wide enough that an actor is still busy when the next block arrives: Ray Data's actor pool prefers the actor on
     # the block's node, so with a model faster than the blocks come, one node's actor restored every batch.
+    torch.manual_seed(0)
     model = Restorer(RestorerConfig(depth=6, width=32))
     save_model(path, "restorer", model.config, model)
     model_uri = s3.uri("cluster", "models", "tiny.pt")

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 
 from restoration import degrade, inference, metrics, runs
@@ -25,6 +26,7 @@ def tiny_pair(tmp_path_factory) -> tuple[str, str]:
     folder = tmp_path_factory.mktemp("pair")
     paths = []
     for channels, name in ((1, "tiny-gray"), (3, "tiny-color")):
+        torch.manual_seed(channels)
         model = Restorer(RestorerConfig(channels=channels, depth=3, width=8))
         save_model(folder / f"{name}.pt", "restorer", model.config, model)
         paths.append(str(folder / f"{name}.pt"))

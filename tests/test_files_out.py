@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import skimage.data
+import torch
 from PIL import Image, ImageCms
 
 from restoration import codec, data, files, storage
@@ -124,6 +125,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> str:
+    torch.manual_seed(0)
     model = Restorer(RestorerConfig(depth=3, width=8))
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     save_model(path, "restorer", model.config, model)

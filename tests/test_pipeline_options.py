@@ -60,6 +60,7 @@ def restore_runs(ray_cluster, tmp_path_factory) -> dict:
     the wrong size, one row without a reference), restored three times by a tiny untrained model: whole images in
     fp32, in tiles of 32 px in fp32, and whole images in bf16. Returns the inputs, the model and each run's rows."""
     root = tmp_path_factory.mktemp("options")
+    torch.manual_seed(0)
     model = Restorer(RestorerConfig(depth=4, width=8))
     model_path = root / "tiny.pt"
     save_model(model_path, "restorer", model.config, model)
