@@ -126,9 +126,11 @@ class ModelRunner:
         if hasattr(net, "fold_batch_norm"):
             net.fold_batch_norm()
         # bf16 autocast changes PSNR by under 0.01 dB for these models and is several times faster where the hardware
-        # has bf16 units; channels-last is the layout oneDNN's and cuDNN's fastest convolutions use.
+        # has bf16 units. Channels-last is the layout oneDNN's and cuDNN's fastest convolutions use: on CPUs in fp32
+        # too, where it restores 1.3-2x faster than the default layout (the colour restorers: the same speed).
         self.bf16 = use_bf16(precision, self.device)
-        self.memory_format = torch.channels_last if self.bf16 else torch.contiguous_format
+        cpu = self.device.type == "cpu"
+        self.memory_format = torch.channels_last if self.bf16 or cpu else torch.contiguous_format
         self.net = net.to(self.device, memory_format=self.memory_format).eval()
         self.compiled = compile
         self.ensemble = ensemble
