@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from restoration.checkpoint import save_model
 from restoration.errors import UserError
-from restoration.models.inpainter import Inpainter
+from restoration.models.inpainter import Inpainter, push_pull
 from restoration.train.inpainter import (
     InpainterTrainConfig,
     evaluate,
+    init_weights,
     inpaint_loss,
     inpainter_step,
     training_batches,
@@ -97,3 +99,36 @@ def test_a_step_cuts_the_gradients_global_norm_to_grad_clip():
 def test_bad_training_fields_are_one_line_errors(field, value, expected):
     with pytest.raises(UserError, match=expected):
         InpainterTrainConfig(**{field: value})
+
+
+def test_a_gray_model_starts_an_rgb_run_that_inpaints_gray_images_as_it_did(tmp_path):
+    """`init_from` a gray inpainter into an RGB run: on an image whose three channels are equal the RGB net predicts,
+    in each channel, what the gray net predicts; on a colour image each channel keeps its own fill (the nets differ
+    from the push-pull fill by the same amount in every channel). A net of another size is refused."""
+    torch.manual_seed(0)
+    cfg = InpainterTrainConfig(**CFG)
+    gray = Inpainter(cfg.model_config())
+    torch.nn.init.normal_(gray.tail.weight, std=0.05)  # a trained tail: the untrained one predicts the fill alone
+    path = tmp_path / "gray.pt"
+    save_model(path, "inpainter", gray.config, gray)
+    rgb_config = InpainterTrainConfig(**CFG, channels=3).model_config()
+    rgb = Inpainter(rgb_config)
+    rgb.load_state_dict(init_weights(str(path), rgb_config))
+
+    image, missing = torch.rand(2, 1, 64, 64), (torch.rand(2, 1, 64, 64) < 0.3).float()
+    with torch.no_grad():
+        expected = gray.predict(torch.cat([image, missing], 1))
+        got = rgb.predict(torch.cat([image.expand(-1, 3, -1, -1), missing], 1))
+        np.testing.assert_allclose(got.numpy(), expected.expand(-1, 3, -1, -1).numpy(), atol=1e-5)
+        assert float((expected - push_pull(image, 1 - missing)).abs().max()) > 1e-2  # the tail does change the fill
+
+        colour = torch.rand(2, 3, 64, 64)
+        residual = rgb.predict(torch.cat([colour, missing], 1)) - push_pull(colour, 1 - missing)
+        luma_residual = gray.predict(torch.cat([colour.mean(1, keepdim=True), missing], 1)) - push_pull(
+            colour.mean(1, keepdim=True), 1 - missing
+        )
+        np.testing.assert_allclose(residual.numpy(), luma_residual.expand(-1, 3, -1, -1).numpy(), atol=1e-5)
+
+    wider = InpainterTrainConfig(**{**CFG, "width": 16}, channels=3).model_config()
+    with pytest.raises(UserError, match="but this run trains"):
+        init_weights(str(path), wider)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -205,11 +205,31 @@ def evaluate(model: Inpainter, pairs: list[tuple[np.ndarray, np.ndarray]]) -> di
 
 
 def init_weights(name_or_path: str, config: InpainterConfig) -> dict:
-    """The weights of an inpainter model file, checked to match `config`."""
+    """The weights of an inpainter model file, checked to match `config`; a gray model starts an RGB one (`inflate`)."""
     loaded = load_named(name_or_path, expected_kind="inpainter")
-    if loaded.config != config:
-        raise UserError(f"init_from={name_or_path!r} is a {loaded.config}, but this run trains a {config}")
-    return loaded.module.state_dict()
+    if loaded.config == config:
+        return loaded.module.state_dict()
+    if config.channels == 3 and loaded.config == replace(config, channels=1):
+        return inflate(loaded.module.state_dict())
+    raise UserError(f"init_from={name_or_path!r} is a {loaded.config}, but this run trains a {config}")
+
+
+def inflate(gray: dict) -> dict:
+    """An RGB inpainter's weights from a gray one's of the same size: on an image whose three channels are equal it
+    predicts what the gray net predicts, in each channel; on any other image, the gray net's prediction for the
+    channels' mean added to each channel's own push-pull fill. Colour training then starts from everything the gray
+    net learned and only has to learn what colour adds.
+
+    The first convolution's image weights are split evenly over R, G and B (it sees the mean of the three where the
+    gray net saw the gray image; the mask's weights are kept), and the last convolution's single output is copied to
+    three.
+    """
+    rgb = dict(gray)
+    head = gray["head.0.0.weight"]  # (w, 2, 3, 3): the image, then the mask
+    rgb["head.0.0.weight"] = torch.cat([head[:, :1].expand(-1, 3, -1, -1) / 3, head[:, 1:]], 1)
+    rgb["tail.weight"] = gray["tail.weight"].expand(3, -1, -1, -1).clone()  # (3, w, 3, 3)
+    rgb["tail.bias"] = gray["tail.bias"].expand(3).clone()
+    return rgb
 
 
 # -------------------------------------------------------------------------------------------------------- the loop
