@@ -37,7 +37,7 @@ class InpaintConfig:
 
     coverages: tuple[float, ...] = COVERAGES
     datasets: str | Path | None = None  # folder holding Set12/; None: `sources.datasets_dir()`
-    color: bool = False  # the colour sample photos instead of Set12 (a gray model runs per channel)
+    color: bool = False  # the colour sample photos instead of Set12 (a gray model runs on each channel)
     models: tuple[str, ...] | None = None  # inpainter names or files; None: the bundled inpaint-gray
     methods: tuple[str, ...] | None = None  # subset of CLASSICAL (+ "push-pull"); None: all
     limit: int | None = None
