@@ -171,7 +171,7 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         default="denoise",
         help="denoise or restore (the gray or colour variant per image, from its mode), upscale (super-resolution by "
         "--scale; colour images on their luma), inpaint (fill each image's mask: a `mask` column, <name>_mask.png "
-        "beside <name>.<ext>, or --degrade holes:F; colour images channel by channel; unmasked pixels kept "
+        "beside <name>.<ext>, or --degrade holes:F; colour images on luma and half-size chroma; unmasked pixels kept "
         "exactly), repair (find and fill scratches, "
         "dust and spots with no mask: the gray or colour variant per image; pixels it does not mark kept exactly), or a "
         "bundled model name (denoise-gray, denoise-color, restore-gray, restore-color, upscale-gray-x2/x3/x4, "

@@ -32,7 +32,7 @@ STAGE_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("model", pa.string()),  # set by RestoreActor: the model that restored the row ...
         ("model_sha256", pa.string()),
-        ("model_applied", pa.string()),  # ... and how: "native", "per-channel" or "replicated"
+        ("model_applied", pa.string()),  # ... and how (inference.ModelRunner.applied)
         ("restored_at", pa.float64()),  # set by RestoreActor: Unix seconds when the model finished the row
         ("icc_profile", pa.binary()),  # the source's colour profile, embedded in the output (codec.icc_for)
         ("input_height", pa.int32()),  # the model's input size; `height`/`width` become the output's (upscalers)
@@ -60,7 +60,7 @@ RESTORE_OUTPUT_SCHEMA = pa.schema(
         # Unix seconds when the model finished the row (when encode_batch did, for rows that never reached a model):
         # the pipeline's timeline, unblurred by the write, which encodes min_rows_per_file rows at a time.
         ("restored_at", pa.float64()),
-        ("model_applied", pa.string()),  # "native", "per-channel" (gray model, colour image), "replicated" (converse)
+        ("model_applied", pa.string()),  # "native", "per-channel", "luma", "ycbcr", "replicated" (ModelRunner.applied)
         ("file", pa.string()),  # with --format files/both: the image file written, relative to the run folder
         ("input_width", pa.int32()),  # the size of the image the model saw: `width`/`height` times less for an
         ("input_height", pa.int32()),  # upscaler, the same otherwise

@@ -102,19 +102,19 @@ def test_bundled_gray_inpainters_beat_biharmonic_on_photos_they_never_saw_and_ke
     assert np.mean(list(gains.values())) > margin, gains
 
 
-def test_inpaint_fills_colour_photos_channel_by_channel_better_than_biharmonic():
-    """`--model inpaint` on colour photos runs `inpaint-gray` on each channel with the image's mask; inside 25 % holes
-    (other masks than the benchmark's) it beats the biharmonic fill, all channels at once as the benchmark calls it,
-    on the mean over the 7 colour sample photos (measured: 0.78 dB; it loses on the two with fur and petals, -0.56 and
-    -1.18), and every known pixel is kept."""
+def test_inpaint_fills_colour_photos_in_ycbcr_better_than_biharmonic():
+    """`--model inpaint` on colour photos runs `inpaint-gray` on the luma, and on the chroma at half resolution, with
+    the image's mask; inside 25 % holes (other masks than the benchmark's) it beats the biharmonic fill, all channels
+    at once as the benchmark calls it, on the mean over the 7 colour sample photos (measured: 0.57 dB; it loses on the
+    two with fur and petals, -0.88 and -1.25; with Cb and Cr swapped: -7.6), and every known pixel is kept."""
     torch.set_num_threads(1)
     actor = RestoreActor("inpaint", precision="fp32")
-    assert actor.runner(3).label == "inpaint-gray" and actor.runner(3).applied(3) == "per-channel"
+    assert actor.runner(3).label == "inpaint-gray" and actor.runner(3).applied(3) == "ycbcr"
     gains = {
         n: hole_gain_over_biharmonic(actor, sources.image_to_float(Image.open(samples.sample_photo(n)), 3), seed=1)
         for n in samples.COLOR_PHOTOS
     }
-    assert np.mean(list(gains.values())) > 0.5, gains
+    assert np.mean(list(gains.values())) > 0.3, gains
 
 
 @pytest.mark.parametrize("name", ["dcgan-fmnist-cond", "vae-fmnist-cond"])

@@ -79,7 +79,7 @@ def test_every_unmasked_pixel_comes_out_bit_exact(inpainter, actor, raw, monkeyp
         known = hole == 0
         np.testing.assert_array_equal(got[known], image[known])  # bit for bit, 8 and 16 bits, alpha too
         assert (got[~known] != image[~known]).mean() > 0.5  # and the holes were filled by the model
-        assert row["model_applied"] == ("native" if image.ndim == 2 else "per-channel")
+        assert row["model_applied"] == ("native" if image.ndim == 2 else "ycbcr")
 
 
 def test_bad_masks_and_masks_without_an_image_become_error_rows(inpainter):
