@@ -81,6 +81,11 @@ def rgb_to_ycbcr(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([y, 0.5 + (b - y) * 0.564, 0.5 + (r - y) * 0.713], 1)
 
 
+def nchw(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) float images -> a contiguous (N, C, H, W) tensor on the CPU."""
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
 def ycbcr_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """The inverse of `rgb_to_ycbcr`."""
     y, cb, cr = x.unbind(1)
@@ -178,8 +183,7 @@ class ModelRunner:
         n, c = images.shape[0], images.shape[3]
         with torch.inference_mode():
             if self.applied(c) == "luma":
-                x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # (N, C, H, W)
-                ycc = rgb_to_ycbcr(x.to(self.device))  # (N, 3, H, W)
+                ycc = rgb_to_ycbcr(nchw(images).to(self.device))  # (N, 3, H, W)
                 luma = self.forward(ycc[:, :1].contiguous(memory_format=self.memory_format)).float()  # (N, 1, sH, sW)
                 chroma = F.interpolate(ycc[:, 1:], scale_factor=self.scale, mode="bicubic", align_corners=False)
                 y = ycbcr_to_rgb(torch.cat([luma, chroma], 1))  # (N, 3, sH, sW)
@@ -205,7 +209,7 @@ class ModelRunner:
         bilinearly. 1.5 passes of the model instead of 3 for R, G and B: on the benchmark's colour photos 2.5x faster,
         for 0.2-0.3 dB less."""
         h, w = images.shape[1:3]
-        ycc = rgb_to_ycbcr(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))  # (N, 3, H, W)
+        ycc = rgb_to_ycbcr(nchw(images))  # (N, 3, H, W)
         luma = self._fill(ycc[:, :1], m)  # (N, 1, H, W)
         chroma = F.avg_pool2d(ycc[:, 1:], 2, ceil_mode=True)  # (N, 2, H/2, W/2), edge blocks averaged over what is in
         half = F.max_pool2d(m, 2, ceil_mode=True)  # (N, 1, H/2, W/2)
@@ -236,7 +240,7 @@ class ModelRunner:
         """(N, H, W, C) float images -> the model's (B, C', H, W) input: each channel a gray image for a gray model
         on colour, the gray channel three times for a colour model on gray."""
         n, h, w, c = images.shape
-        x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # (N, C, H, W)
+        x = nchw(images)
         if self.channels == 1 and c == 3:
             return x.reshape(n * 3, 1, h, w)
         return x.expand(n, 3, h, w) if self.channels == 3 and c == 1 else x
